@@ -1,0 +1,147 @@
+"""Patch embeddings: one token per patch of a mixed-size tiling.
+
+``MixedPatchEmbedding`` embeds every patch of every level, adds a positional embedding
+for the patch's position and size, and gathers the patches of a tiling into a token
+sequence by their flat index (see ``selection.level_offsets``). Computing all levels costs
+about 4/3 of one smallest-size projection, which is small next to the encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+EMBED_MODES = ("separate", "resize")
+
+
+class MultiResolutionPatching(nn.Module):
+    """One strided-conv projection per patch size, applied to the whole image.
+
+    ``projections_i`` projects patches of ``patch_sizes[i]``. Calling the module returns a
+    dict mapping each patch size to its tokens, (batch, patches, embed_dim), patches in
+    row-major order; images are NHWC.
+    """
+
+    patch_sizes: Sequence[int] = (8, 16, 32)
+    embed_dim: int = 768
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.projections = [
+            nn.Conv(self.embed_dim, (s, s), strides=(s, s), padding="VALID", dtype=self.dtype)
+            for s in self.patch_sizes
+        ]
+
+    def grids(self, images: jax.Array, sizes: Sequence[int] | None = None) -> dict[int, jax.Array]:
+        """Return the projections of ``sizes`` (default: all) as (batch, rows, cols, dim) grids."""
+        sizes = self.patch_sizes if sizes is None else sizes
+        return {s: self.projections[list(self.patch_sizes).index(s)](images) for s in sizes}
+
+    def __call__(self, images: jax.Array) -> dict[int, jax.Array]:
+        grids = self.grids(images)
+        return {size: g.reshape(g.shape[0], -1, g.shape[-1]) for size, g in grids.items()}
+
+
+def _avg_pool(grid: jax.Array, factor: int) -> jax.Array:
+    """Average non-overlapping factor x factor blocks of (..., rows, cols, channels)."""
+    *lead, gh, gw, d = grid.shape
+    blocks = grid.reshape(*lead, gh // factor, factor, gw // factor, factor, d)
+    return blocks.mean(axis=(-4, -2))
+
+
+class MixedPatchEmbedding(nn.Module):
+    """Embed a mixed-size tiling as one token per patch.
+
+    Modes:
+      separate: a projection of its own for each patch size.
+      resize: a patch of size ``p_min * 2**k`` is area-downsampled to ``p_min`` and goes
+        through the shared ``p_min`` projection; a zero-initialised strided conv over the
+        full-resolution ``p_min`` embeddings of its sub-patches is added, so training
+        starts from the resized embedding and can learn the lost detail back.
+
+    The positional embedding of a patch is the mean of the learned level-0 positional
+    embeddings of the cells it covers; a learned per-size embedding (zero-initialised) is
+    added to every patch of that size.
+    """
+
+    patch_sizes: Sequence[int]
+    image_size: Sequence[int]
+    hidden_size: int
+    mode: str = "separate"
+    dtype: jnp.dtype = jnp.float32
+
+    def _projection(self, size: int) -> nn.Module:
+        return nn.Conv(
+            self.hidden_size,
+            (size, size),
+            strides=(size, size),
+            padding="VALID",
+            dtype=self.dtype,
+            name=f"projection_{size}",
+        )
+
+    @nn.compact
+    def __call__(self, images: jax.Array, patch_index: jax.Array | None = None) -> jax.Array:
+        """Return tokens (batch, tokens, hidden_size).
+
+        Args:
+          images: normalised NHWC images of shape (batch, *image_size, channels).
+          patch_index: (batch, tokens) flat patch indices of a tiling. ``None`` means every
+            patch of the smallest size in row-major order, the input of a uniform ViT,
+            and computes only the smallest-size projection.
+        """
+        if self.mode not in EMBED_MODES:
+            raise ValueError(f"Unknown embed mode {self.mode!r}; choose one of {EMBED_MODES}.")
+        sizes = list(self.patch_sizes)
+        p_min = sizes[0]
+        gh, gw = self.image_size[0] // p_min, self.image_size[1] // p_min
+        pos_base = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (gh, gw, self.hidden_size)
+        )
+        size_embeddings = [
+            self.param(f"size_embedding_{s}", nn.initializers.zeros, (self.hidden_size,))
+            for s in sizes
+        ]
+        if self.mode == "separate":
+            patching = MultiResolutionPatching(sizes, self.hidden_size, self.dtype, name="patching")
+            project_base = lambda x: patching.grids(x, [p_min])[p_min]  # noqa: E731
+        else:
+            project_base = self._projection(p_min)
+            aggregators = {
+                s: nn.Conv(
+                    self.hidden_size,
+                    (s // p_min, s // p_min),
+                    strides=(s // p_min, s // p_min),
+                    padding="VALID",
+                    kernel_init=nn.initializers.zeros,
+                    dtype=self.dtype,
+                    name=f"aggregate_{s}",
+                )
+                for s in sizes[1:]
+            }
+
+        # Every level is computed when patch_index is given, and also at init so that one
+        # parameter tree serves both call forms.
+        levels = sizes if patch_index is not None or self.is_initializing() else [p_min]
+        base = project_base(images)
+        if self.mode == "separate":
+            grids = {p_min: base, **patching.grids(images, levels[1:])}
+        else:
+            grids = {p_min: base}
+            for s in levels[1:]:
+                factor = s // p_min
+                grids[s] = project_base(_avg_pool(images, factor)) + aggregators[s](base)
+
+        flat = []
+        for s in levels:
+            factor = s // p_min
+            pos = _avg_pool(pos_base, factor) if factor > 1 else pos_base
+            level = grids[s] + pos + size_embeddings[sizes.index(s)]
+            flat.append(level.reshape(level.shape[0], -1, self.hidden_size))
+        if patch_index is None:
+            return flat[0]
+        all_patches = jnp.concatenate(flat, axis=1)
+        return jnp.take_along_axis(all_patches, patch_index[..., None].astype(jnp.int32), axis=1)

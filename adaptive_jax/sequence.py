@@ -1,0 +1,118 @@
+"""Static shapes for variable token counts: bucketing on the host.
+
+Each image's token sequence is padded to the smallest configured bucket length that
+holds it, and a batch only contains sequences of one bucket. The device step therefore
+sees one shape per bucket and compiles at most ``len(buckets)`` programs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+def default_buckets(min_tokens: int, max_tokens: int, num_buckets: int) -> tuple[int, ...]:
+    """Return ``num_buckets`` lengths spread evenly up to ``max_tokens``, rounded up to 8.
+
+    The last bucket is always ``max_tokens``, the token count of an all-smallest tiling,
+    so every image fits some bucket.
+    """
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets={num_buckets}; give at least 1.")
+    lengths = set()
+    for i in range(1, num_buckets + 1):
+        length = min_tokens + (max_tokens - min_tokens) * i / num_buckets
+        lengths.add(min(max_tokens, int(-(-length // 8) * 8)))
+    lengths.add(max_tokens)
+    return tuple(sorted(lengths))
+
+
+def validate_buckets(buckets: Sequence[int], max_tokens: int) -> tuple[int, ...]:
+    """Return the buckets sorted, or raise ValueError if some tiling would fit none."""
+    buckets = tuple(sorted(int(b) for b in buckets))
+    if not buckets or buckets[-1] < max_tokens:
+        raise ValueError(
+            f"sequence.buckets={buckets} cannot hold an image of {max_tokens} tokens (all "
+            f"patches at the smallest size); add a bucket of at least {max_tokens}."
+        )
+    if buckets[0] < 1:
+        raise ValueError(f"sequence.buckets={buckets} has a length below 1.")
+    return buckets
+
+
+def choose_bucket(num_tokens: int, buckets: Sequence[int]) -> int:
+    """Return the smallest bucket length that holds ``num_tokens`` tokens."""
+    i = bisect.bisect_left(buckets, num_tokens)
+    if i == len(buckets):
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {buckets[-1]}.")
+    return buckets[i]
+
+
+def pad_tokens(flat_mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Turn one image's flat tiling mask into (patch_index, token_mask) of ``length``.
+
+    Padding entries point at patch 0 and are masked out; their value never reaches an
+    output because the encoder ignores masked tokens.
+    """
+    index = np.flatnonzero(flat_mask).astype(np.int32)
+    n = index.shape[0]
+    if n > length:
+        raise ValueError(f"{n} tokens do not fit in a sequence of length {length}.")
+    patch_index = np.zeros((length,), np.int32)
+    patch_index[:n] = index
+    token_mask = np.zeros((length,), bool)
+    token_mask[:n] = True
+    return patch_index, token_mask
+
+
+class Bucketer:
+    """Group examples by bucket length and emit batches of one bucket.
+
+    ``add`` returns a full batch as soon as a bucket holds ``batch_size`` examples.
+    ``flush`` pads each unfinished bucket with zero-weight copies of its first example,
+    so evaluation can count every real example exactly once.
+    """
+
+    def __init__(self, buckets: Sequence[int], batch_size: int):
+        self.buckets = tuple(buckets)
+        self.batch_size = batch_size
+        self._pending: dict[int, list[dict[str, np.ndarray]]] = {b: [] for b in self.buckets}
+
+    def add(self, example: dict[str, np.ndarray], flat_mask: np.ndarray) -> dict | None:
+        length = choose_bucket(int(flat_mask.sum()), self.buckets)
+        patch_index, token_mask = pad_tokens(flat_mask, length)
+        pending = self._pending[length]
+        pending.append({**example, "patch_index": patch_index, "token_mask": token_mask})
+        if len(pending) == self.batch_size:
+            self._pending[length] = []
+            return stack_examples(pending)
+        return None
+
+    def flush(self) -> Iterator[dict[str, np.ndarray]]:
+        for length in self.buckets:
+            pending = self._pending[length]
+            self._pending[length] = []
+            if pending:
+                yield pad_batch(stack_examples(pending), self.batch_size)
+
+
+def stack_examples(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pad a batch to ``batch_size`` rows by repeating row 0 with weight 0."""
+    n = next(iter(batch.values())).shape[0]
+    weight = batch.get("weight", np.ones((n,), np.float32))
+    if n == batch_size:
+        return {**batch, "weight": weight}
+    extra = batch_size - n
+    padded = {
+        key: np.concatenate([value, np.repeat(value[:1], extra, axis=0)])
+        for key, value in batch.items()
+        if key != "weight"
+    }
+    padded["weight"] = np.concatenate([weight, np.zeros((extra,), np.float32)])
+    return padded

@@ -1,0 +1,403 @@
+"""Training and evaluation loop: pure step functions, mesh shardings, orbax, metrics.
+
+Resume order: on start, the latest checkpoint in ``workdir/checkpoints`` (if any) is
+checked against this config's model, then parameters, optimizer state, step and RNG are
+restored and training continues at the next step; the input pipeline is reseeded from the
+restored step, so a resumed run does not replay the batches it already trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.metrics import tensorboard
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from adaptive_jax import config as config_lib
+from adaptive_jax.data import InputPipeline, prefetch
+from adaptive_jax.models import AdaptiveViT
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> AdaptiveViT:
+    m = config.model
+    return AdaptiveViT(
+        num_classes=num_classes,
+        image_size=tuple(config.image_size),
+        patch_sizes=tuple(config.patch_sizes),
+        hidden_size=m.hidden_size,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        pool=m.pool,
+        embed_mode=m.embed_mode,
+        dropout_rate=m.dropout_rate,
+    )
+
+
+def model_signature(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """Return the settings that fix the parameter shapes, to check checkpoints against."""
+    return {
+        "num_classes": int(num_classes),
+        "image_size": list(config.image_size),
+        "patch_sizes": list(config.patch_sizes),
+        "model": config.model.to_dict(),
+    }
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay; no decay on biases, norms and vectors."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        # A warm-up longer than the run is cut short so the cosine part keeps one step.
+        warmup_steps=min(config.warmup_steps, config.total_steps - 1),
+        decay_steps=config.total_steps,
+    )
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
+    )
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """Map uint8 pixels to [-1, 1]."""
+    return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+
+
+def _apply(model: AdaptiveViT, params, batch: Batch, *, train: bool, rng=None) -> jax.Array:
+    return model.apply(
+        {"params": params},
+        normalize_images(batch["image"]),
+        batch.get("patch_index"),
+        batch.get("token_mask"),
+        train=train,
+        rngs={"dropout": rng} if rng is not None else None,
+    )
+
+
+def _tokens_per_example(model: AdaptiveViT, batch: Batch) -> jax.Array:
+    if "token_mask" in batch:
+        return batch["token_mask"].sum(axis=1).astype(jnp.float32)
+    p = model.patch_sizes[0]
+    n = (model.image_size[0] // p) * (model.image_size[1] // p)
+    return jnp.full(batch["label"].shape, n, jnp.float32)
+
+
+def train_step(
+    state: TrainState, batch: Batch, *, model: AdaptiveViT, tx: optax.GradientTransformation,
+    label_smoothing: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Take one optimizer step on a global batch; returns the new state and metrics."""
+    rng, dropout_rng = jax.random.split(state.rng)
+
+    def loss_fn(params):
+        logits = _apply(model, params, batch, train=True, rng=dropout_rng)
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+        weight = batch["weight"]
+        return (losses * weight).sum() / jnp.maximum(weight.sum(), 1.0), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = (logits.argmax(-1) == batch["label"]).astype(jnp.float32).mean()
+    metrics = {
+        "train_loss": loss,
+        "train_accuracy": accuracy,
+        "grad_norm": optax.global_norm(grads),
+        "train_tokens_per_image": _tokens_per_example(model, batch).mean(),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model: AdaptiveViT) -> dict[str, jax.Array]:
+    """Return weighted sums over a batch; rows with weight 0 are padding and count nothing."""
+    logits = _apply(model, params, batch, train=False)
+    weight = batch["weight"]
+    correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {
+        "correct": (correct * weight).sum(),
+        "loss": (losses * weight).sum(),
+        "tokens": (_tokens_per_example(model, batch) * weight).sum(),
+        "examples": weight.sum(),
+    }
+
+
+def is_due(step: int, every: int, total_steps: int) -> bool:
+    """Decide every periodic action: each ``every`` steps and always at the last step."""
+    return step == total_steps or (every > 0 and step % every == 0)
+
+
+class MetricWriter:
+    """Write metrics to ``workdir/metrics.jsonl`` (one JSON object per line) and TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            self._path = os.path.join(workdir, "metrics.jsonl")
+            self._summary = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            self._summary.scalar(key, float(value), step)
+        self._summary.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._summary.close()
+
+
+class Checkpoints:
+    """Orbax checkpoints of the train state plus the model signature that wrote them."""
+
+    def __init__(self, directory: str, config: ml_collections.ConfigDict, signature: dict):
+        self.directory = directory
+        self.signature = signature
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "model"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state: TrainState) -> TrainState:
+        """Restore the latest state after checking that the same model wrote it."""
+        step = self.manager.latest_step()
+        saved = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+        saved_signature = saved["model"]
+        if saved_signature != json.loads(json.dumps(self.signature)):
+            raise ValueError(
+                f"The checkpoint at {self.directory} (step {step}) was written by another "
+                f"model: saved {saved_signature}, configured {self.signature}. Use a new "
+                "--workdir, or the model settings that wrote it."
+            )
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored["state"]
+
+    def save(self, step: int, state: TrainState, force: bool = False) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), model=ocp.args.JsonSave(self.signature)
+            ),
+            force=force,
+        )
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class _StopRequest:
+    """Set by SIGTERM (the usual preemption notice) so the loop saves and stops cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread, for example inside a notebook worker
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("Received signal %d; saving a checkpoint and stopping.", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_mesh(batch_sizes: dict[str, int]) -> Mesh:
+    """Return a 1-D data-parallel mesh over all devices after checking batch divisibility."""
+    devices = jax.devices()
+    for key, size in batch_sizes.items():
+        if size % len(devices):
+            raise ValueError(
+                f"{key}={size} is not divisible by the {len(devices)} devices; use a "
+                f"multiple of {len(devices)}."
+            )
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> Batch:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(
+    eval_fn: Callable, params, pipeline: InputPipeline, sharding: NamedSharding
+) -> dict[str, float]:
+    """Evaluate on the whole eval split; every example counts exactly once."""
+    totals = None
+    for batch in prefetch(pipeline.eval_batches(), transform=functools.partial(_to_global, sharding=sharding)):
+        sums = eval_fn(params, batch)
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    n = float(totals["examples"])
+    return {
+        "eval_accuracy": float(totals["correct"]) / n,
+        "eval_loss": float(totals["loss"]) / n,
+        "eval_tokens_per_image": float(totals["tokens"]) / n,
+        "eval_examples": n,
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train, evaluate and checkpoint in ``workdir``; resume there if checkpoints exist.
+
+    Returns the metrics of the last evaluation.
+    """
+    config_lib.validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_chief = jax.process_index() == 0
+
+    mesh = make_mesh({"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size})
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+
+    pipeline = InputPipeline(
+        config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    model = create_model(config, pipeline.num_classes)
+    tx = create_optimizer(config)
+    logging.info(
+        "Dataset %s: %d train and %d eval examples in this process, %d classes; buckets %s.",
+        config.dataset, pipeline.train_source.num_examples, pipeline.eval_source.num_examples,
+        pipeline.num_classes, getattr(pipeline, "buckets", "none (uniform model)"),
+    )
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        h, w = config.image_size
+        params = model.init(init_rng, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=state_rng)
+
+    init_fn = jax.jit(init, out_shardings=replicated)
+    checkpoints = Checkpoints(
+        os.path.join(workdir, "checkpoints"), config, model_signature(config, pipeline.num_classes)
+    )
+    if checkpoints.latest_step() is not None:
+        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+        )
+        state = checkpoints.restore(abstract)
+        logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step), workdir)
+    else:
+        state = init_fn(jax.random.PRNGKey(config.seed))
+        if is_chief:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    logging.info("Model has %d parameters.", num_params)
+
+    train_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=replicated,
+    )
+
+    writer = MetricWriter(workdir, enabled=is_chief)
+    start_step = int(state.step)
+    total = config.total_steps
+    eval_metrics: dict[str, float] = {}
+    if start_step >= total:
+        logging.info("The checkpoint is at step %d >= total_steps=%d; evaluating only.", start_step, total)
+        eval_metrics = evaluate(eval_fn, state.params, pipeline, data_sharding)
+        writer.close()
+        checkpoints.close()
+        return eval_metrics
+
+    batches = prefetch(
+        pipeline.train_batches(seed=config.seed + start_step),
+        transform=functools.partial(_to_global, sharding=data_sharding),
+    )
+    pending: list[dict[str, jax.Array]] = []
+    interval_start, interval_step = time.time(), start_step
+    with _StopRequest() as stop:
+        for step in range(start_step + 1, total + 1):
+            state, metrics = train_fn(state, next(batches))
+            pending.append(metrics)
+
+            if is_due(step, config.log_every, total):
+                means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+                pending = []
+                now = time.time()
+                steps_per_sec = (step - interval_step) / (now - interval_start)
+                interval_start, interval_step = now, step
+                means["steps_per_sec"] = steps_per_sec
+                means["images_per_sec"] = steps_per_sec * config.batch_size
+                writer.write(step, means)
+                eta = (total - step) / max(steps_per_sec, 1e-9)
+                logging.info(
+                    "step %d/%d: loss %.4f, tokens/image %.1f, %.2f steps/s, ETA %s",
+                    step, total, means["train_loss"], means["train_tokens_per_image"],
+                    steps_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)),
+                )
+
+            if is_due(step, config.eval_every, total):
+                eval_metrics = evaluate(eval_fn, state.params, pipeline, data_sharding)
+                writer.write(step, eval_metrics)
+                logging.info(
+                    "step %d eval: accuracy %.4f over %d examples, %.1f tokens/image",
+                    step, eval_metrics["eval_accuracy"], eval_metrics["eval_examples"],
+                    eval_metrics["eval_tokens_per_image"],
+                )
+                interval_start = time.time()  # keep evaluation out of the steps/s figure
+
+            if is_due(step, config.checkpoint_every, total) or stop.requested:
+                checkpoints.save(step, state, force=True)
+            if stop.requested:
+                logging.warning("Stopped at step %d; rerun with the same --workdir to resume.", step)
+                break
+
+    checkpoints.close()
+    writer.close()
+    return eval_metrics

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from adaptive_jax import sequence
+
+
+def test_default_buckets_end_at_max_tokens():
+    buckets = sequence.default_buckets(4, 64, 4)
+    assert buckets == (24, 40, 56, 64)
+    assert sequence.default_buckets(4, 64, 1) == (64,)
+
+
+def test_choose_bucket_picks_smallest_fit():
+    buckets = (24, 40, 64)
+    assert sequence.choose_bucket(1, buckets) == 24
+    assert sequence.choose_bucket(24, buckets) == 24
+    assert sequence.choose_bucket(25, buckets) == 40
+    assert sequence.choose_bucket(64, buckets) == 64
+    with pytest.raises(ValueError, match="exceed the largest bucket"):
+        sequence.choose_bucket(65, buckets)
+
+
+def test_validate_buckets_requires_full_length():
+    with pytest.raises(ValueError, match="add a bucket of at least 64"):
+        sequence.validate_buckets((16, 32), 64)
+    assert sequence.validate_buckets((64, 16), 64) == (16, 64)
+
+
+def test_pad_tokens_masks_padding():
+    flat = np.zeros(10, bool)
+    flat[[1, 4, 7]] = True
+    index, mask = sequence.pad_tokens(flat, 5)
+    np.testing.assert_array_equal(index, [1, 4, 7, 0, 0])
+    np.testing.assert_array_equal(mask, [True, True, True, False, False])
+    with pytest.raises(ValueError, match="do not fit"):
+        sequence.pad_tokens(flat, 2)
+
+
+def test_bucketer_groups_by_bucket_and_flushes():
+    bucketer = sequence.Bucketer((2, 4), batch_size=2)
+    examples = []
+    for i, count in enumerate([1, 3, 2, 4, 1]):
+        flat = np.zeros(6, bool)
+        flat[:count] = True
+        batch = bucketer.add({"label": np.int32(i), "weight": np.float32(1)}, flat)
+        examples.append(batch)
+    full = [b for b in examples if b is not None]
+    assert len(full) == 2
+    assert full[0]["patch_index"].shape == (2, 2)
+    np.testing.assert_array_equal(full[0]["label"], [0, 2])
+    np.testing.assert_array_equal(full[1]["label"], [1, 3])
+    rest = list(bucketer.flush())
+    assert len(rest) == 1
+    np.testing.assert_array_equal(rest[0]["label"], [4, 4])
+    np.testing.assert_array_equal(rest[0]["weight"], [1.0, 0.0])
+    assert list(bucketer.flush()) == []
+
+
+def test_pad_batch_adds_zero_weight_rows():
+    batch = {"label": np.array([3, 5]), "image": np.ones((2, 4, 4, 3), np.uint8)}
+    padded = sequence.pad_batch(batch, 4)
+    np.testing.assert_array_equal(padded["label"], [3, 5, 3, 3])
+    np.testing.assert_array_equal(padded["weight"], [1, 1, 0, 0])
+    assert padded["image"].shape == (4, 4, 4, 3)

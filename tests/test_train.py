@@ -1,0 +1,148 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from adaptive_jax import train
+from configs import cifar10, quickstart
+from tests.conftest import REPO_ROOT
+
+
+def _tiny(config, **overrides):
+    config.unlock()
+    config.model.hidden_size = 32
+    config.model.depth = 1
+    config.model.num_heads = 2
+    config.model.mlp_dim = 32
+    config.batch_size = 32
+    config.eval_batch_size = 100
+    config.log_every = 2
+    config.eval_every = 4
+    config.checkpoint_every = 2
+    config.warmup_steps = 1
+    for key, value in overrides.items():
+        config[key] = value
+    return config.lock()
+
+
+def _lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_writes_metrics_and_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    metrics = train.train_and_evaluate(_tiny(quickstart.get_config(), total_steps=4), workdir)
+    assert metrics["eval_examples"] == 300
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert 4 <= metrics["eval_tokens_per_image"] <= 64
+    lines = _lines(workdir)
+    train_lines = [l for l in lines if "train_loss" in l]
+    eval_lines = [l for l in lines if "eval_accuracy" in l]
+    assert [l["step"] for l in train_lines] == [2, 4]
+    assert [l["step"] for l in eval_lines] == [4]
+    assert all(np.isfinite(l["train_loss"]) for l in train_lines)
+    assert "eval_tokens_per_image" in eval_lines[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_rerun_resumes_from_latest_step(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_tiny(quickstart.get_config(), total_steps=2), workdir)
+    train.train_and_evaluate(_tiny(quickstart.get_config(), total_steps=4), workdir)
+    steps = [l["step"] for l in _lines(workdir) if "train_loss" in l]
+    assert steps == [2, 4]  # the second run started at step 3, not at step 1
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = _tiny(quickstart.get_config(), total_steps=2)
+    model = train.create_model(config, 10)
+    tx = train.create_optimizer(config)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    state = train.TrainState(step=np.int32(7), params=params, opt_state=tx.init(params),
+                             rng=jax.random.PRNGKey(3))
+    state = jax.tree_util.tree_map(jax.numpy.asarray, state)
+    signature = train.model_signature(config, 10)
+    checkpoints = train.Checkpoints(str(tmp_path / "ckpt"), config, signature)
+    checkpoints.save(7, state, force=True)
+    checkpoints.close()
+    reopened = train.Checkpoints(str(tmp_path / "ckpt"), config, signature)
+    assert reopened.latest_step() == 7
+    restored = reopened.restore(jax.eval_shape(lambda: state))
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    reopened.close()
+
+
+def test_checkpoint_from_other_model_rejected(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_tiny(quickstart.get_config(), total_steps=2), workdir)
+    uniform = _tiny(quickstart.get_config("uniform"), total_steps=4)
+    with pytest.raises(ValueError, match="written by another model"):
+        train.train_and_evaluate(uniform, workdir)
+
+
+def test_is_due_covers_interval_and_last_step():
+    assert [s for s in range(1, 11) if train.is_due(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 4) if train.is_due(s, 0, 3)] == [3]
+
+
+def test_configs_accept_uniform_argument():
+    adaptive = cifar10.get_config()
+    uniform = cifar10.get_config("uniform")
+    assert tuple(adaptive.patch_sizes) == (4, 8, 16)
+    assert tuple(uniform.patch_sizes) == (4,)
+    assert adaptive.model.to_dict() == uniform.model.to_dict()
+    with pytest.raises(ValueError, match="Unknown config argument 'unifrom'"):
+        cifar10.get_config("unifrom")
+
+
+def test_config_rejects_unknown_key():
+    config = quickstart.get_config()
+    with pytest.raises(AttributeError, match="totl_steps"):
+        config.totl_steps = 3
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.totl_steps=3", "totl_steps"),
+        ("--config.image_size=(30,30)", "use an image size of 16 or 32"),
+        ("--config.dataset=no_such_dataset_xyz", "not found in tensorflow-datasets"),
+    ],
+)
+def test_command_line_rejects_bad_input(tmp_path, override, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptive_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={tmp_path}", override],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_parameter_counts_pinned():
+    counts = {}
+    for name, module in (("quickstart", quickstart), ("cifar10", cifar10)):
+        for arg in ("", "uniform"):
+            config = module.get_config(arg)
+            model = train.create_model(config, 10)
+            h, w = config.image_size
+            params = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32))
+            counts[(name, arg)] = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    # cifar10 uniform, by hand: patch projection 4*4*3*128+128, positions 64*128, one
+    # size embedding 128, four blocks of 132,480 (norms 512, attention 66,048, MLP 65,920),
+    # final norm 256 and head 128*10+10. The adaptive model adds the 8- and 16-px
+    # projections and two size embeddings.
+    assert counts == {
+        ("quickstart", ""): 136_714,
+        ("quickstart", "uniform"): 75_018,
+        ("cifar10", ""): 669_450,
+        ("cifar10", "uniform"): 546_058,
+    }
