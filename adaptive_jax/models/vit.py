@@ -92,6 +92,7 @@ class AdaptiveViT(nn.Module):
         images: jax.Array,
         patch_index: jax.Array | None = None,
         token_mask: jax.Array | None = None,
+        token_scale: jax.Array | None = None,
         *,
         train: bool = False,
     ) -> jax.Array:
@@ -104,6 +105,9 @@ class AdaptiveViT(nn.Module):
           token_mask: (batch, tokens), True for real tokens, False for padding. Padding
             tokens are never attended to and never pooled, so their values and number do
             not change the logits.
+          token_scale: optional (batch, tokens) factors multiplied into the token
+            embeddings; a learned selector passes factors equal to 1 that carry its
+            gradient (see ``models.learned``).
         """
         if self.pool not in POOLS:
             raise ValueError(f"Unknown pool {self.pool!r}; choose one of {POOLS}.")
@@ -111,6 +115,8 @@ class AdaptiveViT(nn.Module):
             self.patch_sizes, self.image_size, self.hidden_size, self.embed_mode, self.dtype,
             name="embedding",
         )(images, patch_index)
+        if token_scale is not None:
+            x = x * token_scale[..., None].astype(x.dtype)
         b, t, _ = x.shape
         if token_mask is None:
             token_mask = jnp.ones((b, t), bool)
