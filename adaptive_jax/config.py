@@ -27,6 +27,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.eval_split = "test"
     c.image_size = (32, 32)  # (height, width) the model sees, in pixels
+    # When the largest patch size does not divide image_size: 'reject' raises an error
+    # naming the nearest valid sizes; 'crop' and 'pad' round image_size down or up to a
+    # multiple, center-cropping the resized image or padding it with zeros at the bottom
+    # and right.
+    c.fit_image_size = "reject"
     c.augment = True  # random crop (4-px reflected border) and horizontal flip in training
     c.cache = True  # keep decoded images in memory; turn off for datasets larger than RAM
     c.shuffle_buffer = 10_000
@@ -36,16 +41,35 @@ def default_config() -> ml_collections.ConfigDict:
     c.patch_sizes = (4, 8, 16)
 
     c.selection = ml_collections.ConfigDict()
-    c.selection.scorer = "entropy"  # one of scoring.SCORERS
+    # One of scoring.SCORERS, or 'learned': the importance net trained with the classifier
+    # on the device (budget mode only).
+    c.selection.scorer = "entropy"
+    # 'threshold': a variable token count set by thresholds; 'budget': split the
+    # highest-scoring patches until every image has exactly `budget` tokens.
+    c.selection.mode = "threshold"
     # One threshold per size except the smallest: a patch of size patch_sizes[k] is kept
     # whole where its score is below thresholds[k - 1].
     c.selection.thresholds = (4.5, 6.0)
+    c.selection.budget = 40  # tokens per image in budget mode
     c.selection.bins = 64  # histogram bins over grey levels 0..255 for the entropy scorer
 
+    # Selection used at evaluation only; unset values fall back to `selection`. Evaluate a
+    # trained run at other trade-offs by rerunning it with total_steps at or below its last
+    # step, e.g. --config.eval_selection.budget=28.
+    c.eval_selection = ml_collections.ConfigDict()
+    c.eval_selection.thresholds = ml_collections.config_dict.placeholder(tuple)
+    c.eval_selection.budget = ml_collections.config_dict.placeholder(int)
+
+    # How variable token counts become static shapes. 'bucket': pad each image to the
+    # smallest bucket length that holds it, one bucket per batch (one compiled program per
+    # bucket). 'pack': first-fit several images into rows of `pack_length` tokens with
+    # segment ids (one program); a batch then has batch_size // max_images_per_row rows.
     c.sequence = ml_collections.ConfigDict()
     c.sequence.mode = "bucket"
     c.sequence.buckets = ()  # token lengths; empty means `num_buckets` evenly spaced ones
     c.sequence.num_buckets = 4
+    c.sequence.pack_length = 0  # tokens per packed row; 0 means the all-smallest count
+    c.sequence.max_images_per_row = 2
 
     c.model = ml_collections.ConfigDict()
     c.model.hidden_size = 128
@@ -96,26 +120,75 @@ def parse_config_arg(arg: str | None, known: dict[str, type]) -> dict[str, objec
     return parsed
 
 
+FIT_RULES = ("reject", "crop", "pad")
+SELECTION_MODES = ("threshold", "budget")
+SEQUENCE_MODES = ("bucket", "pack")
+
+
+def model_image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """Return the image size the model sees after ``config.fit_image_size`` is applied."""
+    size = tuple(int(s) for s in config.image_size)
+    if len(size) != 2:
+        raise ValueError(f"image_size={size} must be (height, width).")
+    if config.fit_image_size not in FIT_RULES:
+        raise ValueError(
+            f"fit_image_size={config.fit_image_size!r} is unknown; choose one of {FIT_RULES}."
+        )
+    largest = int(config.patch_sizes[-1])
+    if config.fit_image_size == "crop":
+        fitted = tuple(max(largest, s // largest * largest) for s in size)
+    elif config.fit_image_size == "pad":
+        fitted = tuple(-(-s // largest) * largest for s in size)
+    else:
+        fitted = size
+    return fitted
+
+
+def _check_thresholds(name: str, thresholds, patch_sizes) -> None:
+    expected = len(patch_sizes) - 1
+    if expected > 0 and len(thresholds) != expected:
+        raise ValueError(
+            f"{name}={tuple(thresholds)} has {len(thresholds)} values for patch_sizes="
+            f"{tuple(patch_sizes)}; give {expected}, one per size except the smallest."
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the bad value and its fix for an inconsistent config."""
-    image_size = tuple(config.image_size)
-    if len(image_size) != 2:
-        raise ValueError(f"image_size={image_size} must be (height, width).")
+    image_size = model_image_size(config)
     selection.validate_patch_sizes(config.patch_sizes, image_size)
-    if config.selection.scorer not in scoring.SCORERS:
+    sel = config.selection
+    if sel.scorer not in scoring.SCORERS + ("learned",):
         raise ValueError(
-            f"selection.scorer={config.selection.scorer!r} is unknown; choose one of "
-            f"{scoring.SCORERS}."
+            f"selection.scorer={sel.scorer!r} is unknown; choose one of "
+            f"{scoring.SCORERS + ('learned',)}."
         )
-    expected = len(config.patch_sizes) - 1
-    if len(config.selection.thresholds) != expected and expected > 0:
+    if sel.mode not in SELECTION_MODES:
+        raise ValueError(f"selection.mode={sel.mode!r} is unknown; choose one of {SELECTION_MODES}.")
+    if sel.scorer == "learned" and sel.mode != "budget" and len(config.patch_sizes) > 1:
         raise ValueError(
-            f"selection.thresholds={tuple(config.selection.thresholds)} has "
-            f"{len(config.selection.thresholds)} values for patch_sizes="
-            f"{tuple(config.patch_sizes)}; give {expected}, one per size except the smallest."
+            "selection.scorer='learned' runs on the device and needs a static token count; "
+            "set selection.mode='budget' and selection.budget."
         )
-    if config.sequence.mode != "bucket":
-        raise ValueError(f"sequence.mode={config.sequence.mode!r} is unknown; use 'bucket'.")
+    _check_thresholds("selection.thresholds", sel.thresholds, config.patch_sizes)
+    if config.eval_selection.thresholds is not None:
+        _check_thresholds("eval_selection.thresholds", config.eval_selection.thresholds, config.patch_sizes)
+    if len(config.patch_sizes) > 1 and sel.mode == "budget":
+        selection.validate_budget(sel.budget, image_size, config.patch_sizes)
+        if config.eval_selection.budget is not None:
+            selection.validate_budget(config.eval_selection.budget, image_size, config.patch_sizes)
+    if config.sequence.mode not in SEQUENCE_MODES:
+        raise ValueError(
+            f"sequence.mode={config.sequence.mode!r} is unknown; choose one of {SEQUENCE_MODES}."
+        )
+    if config.sequence.mode == "pack":
+        per_row = config.sequence.max_images_per_row
+        for key in ("batch_size", "eval_batch_size"):
+            if per_row < 1 or config[key] % per_row:
+                raise ValueError(
+                    f"{key}={config[key]} is not divisible by sequence.max_images_per_row="
+                    f"{per_row}; in pack mode a batch has {key} // max_images_per_row rows."
+                )
     if config.model.embed_mode not in EMBED_MODES:
         raise ValueError(
             f"model.embed_mode={config.model.embed_mode!r} is unknown; choose one of {EMBED_MODES}."

@@ -116,6 +116,82 @@ def threshold_tiling(
     return quadtree_tiling(keep, scores[0].shape)
 
 
+def _splits_for_budget(budget: int, coarsest: int, finest: int, context: str) -> int:
+    """Return how many splits turn ``coarsest`` tokens into ``budget``, or raise ValueError."""
+    splits, remainder = divmod(int(budget) - coarsest, 3)
+    if budget < coarsest or budget > finest or remainder:
+        below = max(coarsest, coarsest + 3 * min(splits, (finest - coarsest) // 3))
+        above = min(finest, below + 3)
+        options = f"{below}" if below == above or budget < coarsest else f"{below} or {above}"
+        raise ValueError(
+            f"budget={budget} tokens cannot be tiled with {context}: budgets run from "
+            f"{coarsest} to {finest} in steps of 3. Use {options}."
+        )
+    return splits
+
+
+def validate_budget(budget: int, image_size: Sequence[int], patch_sizes: Sequence[int]) -> int:
+    """Return the number of splits that gives exactly ``budget`` tokens, or raise ValueError.
+
+    Starting from the coarsest grid of ``n`` patches, each split of a patch adds three
+    tokens, so the reachable budgets are ``n, n + 3, ...`` up to the smallest-size grid.
+    """
+    grids = grid_shapes(image_size, patch_sizes)
+    context = f"patch_sizes={tuple(patch_sizes)} on {tuple(image_size)} images"
+    return _splits_for_budget(
+        budget, grids[-1][0] * grids[-1][1], grids[0][0] * grids[0][1], context
+    )
+
+
+def budget_tiling(scores: Sequence[jax.Array], budget: int) -> list[jax.Array]:
+    """Split the highest-scoring patches until every image has exactly ``budget`` tokens.
+
+    Starts from the coarsest grid and splits patches in order of priority, where a
+    patch's priority is the minimum of its score and its ancestors' priorities, so a
+    patch is never split before its parent. Ties go to the coarser patch, then to the
+    earlier one in row-major order (``jax.lax.top_k`` prefers lower indices). The output
+    shape is static, so this runs under ``jit`` on the device.
+
+    ``scores`` has one grid per level, level 0 first; level 0's grid is only read for its
+    shape.
+    """
+    levels = len(scores)
+    b = scores[0].shape[0]
+    image_cells = scores[0].shape[1:]
+    if levels == 1:
+        return [jnp.ones(scores[0].shape, bool)]
+    coarsest = scores[-1].shape[1] * scores[-1].shape[2]
+    finest = image_cells[0] * image_cells[1]
+    splits = _splits_for_budget(budget, coarsest, finest, f"{levels} levels")
+
+    priority = [None] * levels
+    priority[levels - 1] = scores[levels - 1]
+    for k in range(levels - 2, 0, -1):
+        priority[k] = jnp.minimum(scores[k], _upsample2(priority[k + 1]))
+    # Coarsest level first, so ties resolve in favour of parents.
+    order = list(range(levels - 1, 0, -1))
+    flat_priority = jnp.concatenate([priority[k].reshape(b, -1) for k in order], axis=1)
+    split_flat = jnp.zeros(flat_priority.shape, bool)
+    if splits > 0:
+        _, chosen = jax.lax.top_k(flat_priority.astype(jnp.float32), splits)
+        split_flat = jax.vmap(lambda row, idx: row.at[idx].set(True))(split_flat, chosen)
+
+    split = [None] * levels
+    start = 0
+    for k in order:
+        shape = priority[k].shape
+        size = shape[1] * shape[2]
+        split[k] = split_flat[:, start:start + size].reshape(shape)
+        start += size
+
+    masks = [None] * levels
+    masks[levels - 1] = ~split[levels - 1]
+    for k in range(levels - 2, 0, -1):
+        masks[k] = _upsample2(split[k + 1]) & ~split[k]
+    masks[0] = _upsample2(split[1])
+    return masks
+
+
 def flatten_masks(masks: Sequence[jax.Array]) -> jax.Array:
     """Concatenate per-level masks into (batch, total_patches) in flat token order."""
     b = masks[0].shape[0]

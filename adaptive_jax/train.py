@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,8 +30,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adaptive_jax import config as config_lib
+from adaptive_jax import profiling
 from adaptive_jax.data import InputPipeline, prefetch
 from adaptive_jax.models import AdaptiveViT
+from adaptive_jax.models.learned import LearnedSelectionViT
 
 Batch = dict[str, jax.Array]
 
@@ -43,11 +46,12 @@ class TrainState:
     rng: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> AdaptiveViT:
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """Build the configured classifier: ``AdaptiveViT``, or ``LearnedSelectionViT``."""
     m = config.model
-    return AdaptiveViT(
+    kwargs = dict(
         num_classes=num_classes,
-        image_size=tuple(config.image_size),
+        image_size=config_lib.model_image_size(config),
         patch_sizes=tuple(config.patch_sizes),
         hidden_size=m.hidden_size,
         depth=m.depth,
@@ -57,14 +61,22 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Adaptiv
         embed_mode=m.embed_mode,
         dropout_rate=m.dropout_rate,
     )
+    if uses_learned_selector(config):
+        return LearnedSelectionViT(budget=config.selection.budget, **kwargs)
+    return AdaptiveViT(**kwargs)
+
+
+def uses_learned_selector(config: ml_collections.ConfigDict) -> bool:
+    return config.selection.scorer == "learned" and len(config.patch_sizes) > 1
 
 
 def model_signature(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     """Return the settings that fix the parameter shapes, to check checkpoints against."""
     return {
         "num_classes": int(num_classes),
-        "image_size": list(config.image_size),
+        "image_size": list(config_lib.model_image_size(config)),
         "patch_sizes": list(config.patch_sizes),
+        "learned_selector": uses_learned_selector(config),
         "model": config.model.to_dict(),
     }
 
@@ -90,27 +102,36 @@ def normalize_images(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
 
 
-def _apply(model: AdaptiveViT, params, batch: Batch, *, train: bool, rng=None) -> jax.Array:
+def _apply(model: nn.Module, params, batch: Batch, *, train: bool, rng=None,
+           budget: int | None = None) -> jax.Array:
+    images = normalize_images(batch["image"])
+    rngs = {"dropout": rng} if rng is not None else None
+    if isinstance(model, LearnedSelectionViT):
+        return model.apply({"params": params}, images, budget=budget, train=train, rngs=rngs)
     return model.apply(
-        {"params": params},
-        normalize_images(batch["image"]),
-        batch.get("patch_index"),
-        batch.get("token_mask"),
-        train=train,
-        rngs={"dropout": rng} if rng is not None else None,
+        {"params": params}, images, batch.get("patch_index"), batch.get("token_mask"),
+        segment_ids=batch.get("segment_ids"), train=train, rngs=rngs,
     )
 
 
-def _tokens_per_example(model: AdaptiveViT, batch: Batch) -> jax.Array:
+def _tokens_per_example(model: nn.Module, batch: Batch, budget: int | None = None) -> jax.Array:
+    """Return the token count of each image, shaped like ``batch['label']``."""
+    if "segment_ids" in batch:
+        slots = batch["label"].shape[1]
+        ids = jnp.arange(1, slots + 1)
+        return (batch["segment_ids"][:, :, None] == ids).sum(axis=1).astype(jnp.float32)
     if "token_mask" in batch:
         return batch["token_mask"].sum(axis=1).astype(jnp.float32)
-    p = model.patch_sizes[0]
-    n = (model.image_size[0] // p) * (model.image_size[1] // p)
+    if isinstance(model, LearnedSelectionViT):
+        n = model.budget if budget is None else budget
+    else:
+        p = model.patch_sizes[0]
+        n = (model.image_size[0] // p) * (model.image_size[1] // p)
     return jnp.full(batch["label"].shape, n, jnp.float32)
 
 
 def train_step(
-    state: TrainState, batch: Batch, *, model: AdaptiveViT, tx: optax.GradientTransformation,
+    state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
     label_smoothing: float,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Take one optimizer step on a global batch; returns the new state and metrics."""
@@ -126,27 +147,34 @@ def train_step(
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    accuracy = (logits.argmax(-1) == batch["label"]).astype(jnp.float32).mean()
+    weight = batch["weight"]
+    images = jnp.maximum(weight.sum(), 1.0)
+    correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
     metrics = {
         "train_loss": loss,
-        "train_accuracy": accuracy,
+        "train_accuracy": (correct * weight).sum() / images,
         "grad_norm": optax.global_norm(grads),
-        "train_tokens_per_image": _tokens_per_example(model, batch).mean(),
+        "train_tokens_per_image": (_tokens_per_example(model, batch) * weight).sum() / images,
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, model: AdaptiveViT) -> dict[str, jax.Array]:
-    """Return weighted sums over a batch; rows with weight 0 are padding and count nothing."""
-    logits = _apply(model, params, batch, train=False)
+def eval_step(
+    params, batch: Batch, *, model: nn.Module, budget: int | None = None
+) -> dict[str, jax.Array]:
+    """Return weighted sums over a batch; rows with weight 0 are padding and count nothing.
+
+    ``budget`` overrides the token budget of a learned selector.
+    """
+    logits = _apply(model, params, batch, train=False, budget=budget)
     weight = batch["weight"]
     correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return {
         "correct": (correct * weight).sum(),
         "loss": (losses * weight).sum(),
-        "tokens": (_tokens_per_example(model, batch) * weight).sum(),
+        "tokens": (_tokens_per_example(model, batch, budget) * weight).sum(),
         "examples": weight.sum(),
     }
 
@@ -281,14 +309,70 @@ def evaluate(
     }
 
 
+def _restore_or_init(
+    checkpoints: Checkpoints, init_fn: Callable, seed: int, sharding: NamedSharding, workdir: str
+) -> TrainState:
+    """Restore the latest checkpoint if there is one, else initialise a new state."""
+    if checkpoints.latest_step() is None:
+        return init_fn(jax.random.PRNGKey(seed))
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+    )
+    state = checkpoints.restore(abstract)
+    logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step), workdir)
+    return state
+
+
+class _ThroughputMeter:
+    """Steps per second over each logging interval, compilation of the first step excluded."""
+
+    def __init__(self, start_step: int):
+        self.last_time: float | None = None
+        self.last_step = start_step
+
+    def start(self, step: int) -> None:
+        """Start timing after ``step`` completed (call once its results are ready)."""
+        self.last_time, self.last_step = time.time(), step
+
+    def rate(self, step: int) -> float:
+        now = time.time()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        return rate
+
+
+def _log_train(writer: MetricWriter, pending: list, step: int, total: int,
+               steps_per_sec: float, batch_size: int) -> None:
+    means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    means["steps_per_sec"] = steps_per_sec
+    means["images_per_sec"] = steps_per_sec * batch_size
+    writer.write(step, means)
+    eta = (total - step) / max(steps_per_sec, 1e-9)
+    logging.info(
+        "step %d/%d: loss %.4f, tokens/image %.1f, %.2f steps/s, ETA %s",
+        step, total, means["train_loss"], means["train_tokens_per_image"],
+        steps_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)),
+    )
+
+
+def _log_eval(writer: MetricWriter, step: int, metrics: dict[str, float]) -> None:
+    writer.write(step, metrics)
+    logging.info(
+        "step %d eval: accuracy %.4f over %d examples, %.1f tokens/image",
+        step, metrics["eval_accuracy"], metrics["eval_examples"],
+        metrics["eval_tokens_per_image"],
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train, evaluate and checkpoint in ``workdir``; resume there if checkpoints exist.
 
-    Returns the metrics of the last evaluation.
+    Returns the metrics of the last evaluation. A checkpoint is saved before the
+    evaluation of the same step, so a failing evaluation loses no training.
     """
     config_lib.validate_config(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
 
     mesh = make_mesh({"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size})
@@ -301,14 +385,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = create_model(config, pipeline.num_classes)
     tx = create_optimizer(config)
     logging.info(
-        "Dataset %s: %d train and %d eval examples in this process, %d classes; buckets %s.",
+        "Dataset %s: %d train and %d eval examples in this process, %d classes; %s.",
         config.dataset, pipeline.train_source.num_examples, pipeline.eval_source.num_examples,
-        pipeline.num_classes, getattr(pipeline, "buckets", "none (uniform model)"),
+        pipeline.num_classes, pipeline.describe_selection(),
     )
+    os.makedirs(workdir, exist_ok=True)
+    if is_chief:
+        # The settings of the latest start; a resumed run may change schedules or data.
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        h, w = config.image_size
+        h, w = config_lib.model_image_size(config)
         params = model.init(init_rng, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng)
@@ -317,18 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"), config, model_signature(config, pipeline.num_classes)
     )
-    if checkpoints.latest_step() is not None:
-        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-        )
-        state = checkpoints.restore(abstract)
-        logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step), workdir)
-    else:
-        state = init_fn(jax.random.PRNGKey(config.seed))
-        if is_chief:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+    state = _restore_or_init(checkpoints, init_fn, config.seed, replicated, workdir)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info("Model has %d parameters.", num_params)
 
@@ -338,8 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
+    eval_budget = config.eval_selection.budget if uses_learned_selector(config) else None
     eval_fn = jax.jit(
-        functools.partial(eval_step, model=model),
+        functools.partial(eval_step, model=model, budget=eval_budget),
         in_shardings=(replicated, data_sharding),
         out_shardings=replicated,
     )
@@ -351,6 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step >= total:
         logging.info("The checkpoint is at step %d >= total_steps=%d; evaluating only.", start_step, total)
         eval_metrics = evaluate(eval_fn, state.params, pipeline, data_sharding)
+        _log_eval(writer, start_step, eval_metrics)
         writer.close()
         checkpoints.close()
         return eval_metrics
@@ -360,44 +440,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         transform=functools.partial(_to_global, sharding=data_sharding),
     )
     pending: list[dict[str, jax.Array]] = []
-    interval_start, interval_step = time.time(), start_step
-    with _StopRequest() as stop:
+    meter = _ThroughputMeter(start_step)
+    with _StopRequest() as stop, profiling.count_compilations() as compiled:
         for step in range(start_step + 1, total + 1):
             state, metrics = train_fn(state, next(batches))
             pending.append(metrics)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                meter.start(step)
 
-            if is_due(step, config.log_every, total):
-                means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+            if is_due(step, config.log_every, total) and step > meter.last_step:
+                _log_train(writer, pending, step, total, meter.rate(step), config.batch_size)
                 pending = []
-                now = time.time()
-                steps_per_sec = (step - interval_step) / (now - interval_start)
-                interval_start, interval_step = now, step
-                means["steps_per_sec"] = steps_per_sec
-                means["images_per_sec"] = steps_per_sec * config.batch_size
-                writer.write(step, means)
-                eta = (total - step) / max(steps_per_sec, 1e-9)
-                logging.info(
-                    "step %d/%d: loss %.4f, tokens/image %.1f, %.2f steps/s, ETA %s",
-                    step, total, means["train_loss"], means["train_tokens_per_image"],
-                    steps_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)),
-                )
-
-            if is_due(step, config.eval_every, total):
-                eval_metrics = evaluate(eval_fn, state.params, pipeline, data_sharding)
-                writer.write(step, eval_metrics)
-                logging.info(
-                    "step %d eval: accuracy %.4f over %d examples, %.1f tokens/image",
-                    step, eval_metrics["eval_accuracy"], eval_metrics["eval_examples"],
-                    eval_metrics["eval_tokens_per_image"],
-                )
-                interval_start = time.time()  # keep evaluation out of the steps/s figure
 
             if is_due(step, config.checkpoint_every, total) or stop.requested:
                 checkpoints.save(step, state, force=True)
+
+            if is_due(step, config.eval_every, total):
+                eval_metrics = evaluate(eval_fn, state.params, pipeline, data_sharding)
+                _log_eval(writer, step, eval_metrics)
+                meter.start(step)  # keep evaluation out of the steps/s figure
+
             if stop.requested:
                 logging.warning("Stopped at step %d; rerun with the same --workdir to resume.", step)
                 break
 
+    logging.info(
+        "Compiled %d train and %d eval programs in this run.",
+        compiled["train_step"], compiled["eval_step"],
+    )
     checkpoints.close()
     writer.close()
     return eval_metrics

@@ -20,5 +20,8 @@ def require_dir(path: pathlib.Path) -> pathlib.Path:
     if not path.is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"{path} not found; CI must provide the real image data.")
-        pytest.skip(f"{path} not found; set ADAPTIVE_JAX_DATA to a folder with cifar10/ to run this test.")
+        pytest.skip(
+            f"{path} not found; set ADAPTIVE_JAX_DATA to the folder that contains cifar10/ "
+            "(an image folder with train/ and test/) and imagenet-samples/ (flat photos)."
+        )
     return path

@@ -123,3 +123,49 @@ def test_selector_tiling_respects_pixel_sizes():
     # No pixel gets a patch larger than the size its importance asks for.
     assert (tiled_sizes <= pixel_sizes).all()
     assert set(np.unique(tiled_sizes)) == {8.0, 16.0, 32.0}
+
+
+@pytest.mark.parametrize(
+    "patch_sizes,image_size,budget",
+    [((4, 8), (16, 24), 15), ((8, 16, 32), (64, 96), 6), ((8, 16, 32), (64, 96), 45),
+     ((8, 16, 32), (64, 96), 96), ((14, 28, 56, 112), (224, 224), 100)],
+)
+def test_budget_gives_exact_token_count(patch_sizes, image_size, budget):
+    rng = np.random.default_rng(1)
+    scores = [jnp.asarray(rng.uniform(size=(4, image_size[0] // s, image_size[1] // s))) for s in patch_sizes]
+    masks = selection.budget_tiling(scores, budget)
+    np.testing.assert_array_equal(np.asarray(selection.token_counts(masks)), [budget] * 4)
+    cover = _coverage(masks, patch_sizes, image_size)
+    assert cover.min() == 1
+    assert cover.max() == 1
+
+
+def test_budget_with_tied_scores_stays_valid():
+    sizes, image = (4, 8, 16, 32), (64, 64)
+    scores = [jnp.zeros((2, 64 // s, 64 // s)) for s in sizes]
+    masks = selection.budget_tiling(scores, 4 + 3 * 7)
+    cover = _coverage(masks, sizes, image)
+    assert cover.min() == 1 and cover.max() == 1
+    np.testing.assert_array_equal(np.asarray(selection.token_counts(masks)), [25, 25])
+
+
+def test_budget_splits_highest_scores_first():
+    # 2x2 coarse patches; the top-right one has the highest score and is split first.
+    coarse = jnp.asarray([[[0.1, 0.9], [0.3, 0.2]]])
+    scores = [jnp.zeros((1, 4, 4)), coarse]
+    masks = selection.budget_tiling(scores, 7)
+    np.testing.assert_array_equal(np.asarray(masks[1][0]), [[True, False], [True, True]])
+    np.testing.assert_array_equal(np.asarray(masks[0][0, :2, 2:]), [[True, True], [True, True]])
+    assert int(np.asarray(masks[0]).sum()) == 4
+
+
+def test_budget_runs_under_jit():
+    scores = [jnp.ones((2, 8, 8)), jnp.ones((2, 4, 4)), jnp.ones((2, 2, 2))]
+    counts = jax.jit(lambda s: selection.token_counts(selection.budget_tiling(s, 16)))(scores)
+    np.testing.assert_array_equal(np.asarray(counts), [16, 16])
+
+
+@pytest.mark.parametrize("budget,message", [(17, "Use 16 or 19"), (2, "Use 4"), (70, "Use 64")])
+def test_unreachable_budget_rejected(budget, message):
+    with pytest.raises(ValueError, match=message):
+        selection.validate_budget(budget, (32, 32), (4, 8, 16))

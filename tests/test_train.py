@@ -146,3 +146,84 @@ def test_parameter_counts_pinned():
         ("cifar10", ""): 669_450,
         ("cifar10", "uniform"): 546_058,
     }
+
+
+def test_pack_mode_trains_and_counts_every_example(tmp_path):
+    config = _tiny(quickstart.get_config(), total_steps=4)
+    config.unlock()
+    config.sequence.mode = "pack"
+    config.sequence.pack_length = 96
+    config.sequence.max_images_per_row = 4
+    config.lock()
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["eval_examples"] == 300
+    assert 4 <= metrics["eval_tokens_per_image"] <= 64
+    lines = [l for l in _lines(str(tmp_path / "run")) if "train_loss" in l]
+    assert all(np.isfinite(l["train_loss"]) for l in lines)
+
+
+def test_budget_mode_has_exact_tokens(tmp_path):
+    config = _tiny(quickstart.get_config(), total_steps=2)
+    config.unlock()
+    config.selection.mode = "budget"
+    config.selection.budget = 31
+    config.lock()
+    metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["eval_tokens_per_image"] == 31
+
+
+def test_learned_selector_trains_at_budget(tmp_path):
+    config = _tiny(quickstart.get_config(), total_steps=3)
+    config.unlock()
+    config.selection.scorer = "learned"
+    config.selection.mode = "budget"
+    config.selection.budget = 25
+    config.lock()
+    workdir = str(tmp_path / "run")
+    metrics = train.train_and_evaluate(config, workdir)
+    assert metrics["eval_tokens_per_image"] == 25
+    config.unlock()
+    config.eval_selection.budget = 40
+    config.lock()
+    # Rerunning a finished run evaluates it at the new budget without training.
+    metrics = train.train_and_evaluate(config, workdir)
+    assert metrics["eval_tokens_per_image"] == 40
+
+
+def test_eval_thresholds_override(tmp_path):
+    config = _tiny(quickstart.get_config(), total_steps=2)
+    workdir = str(tmp_path / "run")
+    base = train.train_and_evaluate(config, workdir)
+    config.unlock()
+    config.eval_selection.thresholds = (0.0, 0.0)  # keep no coarse patch
+    config.lock()
+    finest = train.train_and_evaluate(config, workdir)
+    assert finest["eval_tokens_per_image"] == 64
+    assert base["eval_tokens_per_image"] < 64
+
+
+def test_learned_scorer_needs_budget_mode(tmp_path):
+    config = _tiny(quickstart.get_config(), total_steps=2)
+    config.unlock()
+    config.selection.scorer = "learned"
+    config.lock()
+    with pytest.raises(ValueError, match="selection.mode='budget'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("mode", ["bucket", "pack"])
+def test_compilations_bounded_by_config(tmp_path, mode):
+    from adaptive_jax.profiling import count_compilations
+
+    config = _tiny(quickstart.get_config(), total_steps=30, eval_every=10, log_every=10,
+                   checkpoint_every=0)
+    config.unlock()
+    config.sequence.mode = mode
+    config.sequence.pack_length = 128
+    config.lock()
+    with count_compilations() as counts:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    buckets = 4  # default_buckets(4, 64, 4) == (24, 40, 56, 64)
+    limit = 1 if mode == "pack" else buckets
+    assert 1 <= counts["train_step"] <= limit
+    assert 1 <= counts["eval_step"] <= limit

@@ -2,8 +2,9 @@
 
 Batches are dicts of NumPy arrays, local to this process:
   image (b, h, w, 3) uint8, label (b,) int32, weight (b,) float32 (0 for padding rows),
-  and, for adaptive models, patch_index (b, t) int32 and token_mask (b, t) bool, where t
-  is the batch's bucket length.
+  and, where tilings are made on the host, patch_index (b, t) int32 and token_mask (b, t)
+  bool, where t is the batch's bucket length. In pack mode the layout is that of
+  ``adaptive_jax.packing``: rows of segment ids, with label and weight per image slot.
 
 Scoring and tiling run here, on the host CPU under ``jit``, as APT computes entropy in its
 data loader: token counts are known before the device step, so each batch can be bucketed.
@@ -20,7 +21,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from adaptive_jax import scoring, selection, sequence
+from adaptive_jax import packing, scoring, selection, sequence
+from adaptive_jax.config import model_image_size
 from adaptive_jax.data.sources import Source, describe_decode_error, load_source
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -69,13 +71,24 @@ def random_crop_flip(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
 
 
 class HostSelector:
-    """Score and tile batches of uint8 images on the host CPU with the configured rule."""
+    """Score and tile batches of uint8 images on the host CPU with a configured rule.
 
-    def __init__(self, config: ml_collections.ConfigDict, seed: int = 0):
+    ``thresholds`` and ``budget`` default to ``config.selection``; evaluation passes the
+    values of ``config.eval_selection`` to trade accuracy for tokens without retraining.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        seed: int = 0,
+        thresholds: tuple[float, ...] | None = None,
+        budget: int | None = None,
+    ):
         self.patch_sizes = tuple(config.patch_sizes)
-        self.image_size = tuple(config.image_size)
         self.scorer = config.selection.scorer
-        self.thresholds = tuple(config.selection.thresholds)
+        self.mode = config.selection.mode
+        self.thresholds = tuple(config.selection.thresholds if thresholds is None else thresholds)
+        self.budget = int(config.selection.budget if budget is None else budget)
         self.bins = config.selection.bins
         self._device = jax.devices("cpu")[0]
         self._rng = jax.random.PRNGKey(seed)
@@ -96,7 +109,22 @@ class HostSelector:
                 f"selection.scorer={self.scorer!r} cannot run on the host; choose one of "
                 f"{scoring.SCORERS}."
             )
-        return selection.flatten_masks(selection.threshold_tiling(scores, self.thresholds))
+        if self.mode == "budget":
+            masks = selection.budget_tiling(scores, self.budget)
+        else:
+            masks = selection.threshold_tiling(scores, self.thresholds)
+        return selection.flatten_masks(masks)
+
+    def buckets(self, config: ml_collections.ConfigDict, image_size) -> tuple[int, ...]:
+        """Return the sequence lengths this rule's tilings are padded to."""
+        if self.mode == "budget":
+            return (self.budget,)
+        grid = selection.grid_shapes(image_size, self.patch_sizes)
+        max_tokens = grid[0][0] * grid[0][1]
+        if config.sequence.buckets:
+            return sequence.validate_buckets(config.sequence.buckets, max_tokens)
+        min_tokens = grid[-1][0] * grid[-1][1]
+        return sequence.default_buckets(min_tokens, max_tokens, config.sequence.num_buckets)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Return flat tiling masks (n, total_patches) for uint8 images (n, h, w, 3)."""
@@ -122,8 +150,11 @@ class InputPipeline:
         process_count: int = 1,
     ):
         self.config = config
-        self.image_size = tuple(config.image_size)
-        self.adaptive = len(config.patch_sizes) > 1
+        self.resize_size = tuple(config.image_size)
+        self.image_size = model_image_size(config)
+        # Scoring and tiling run here unless the model selects patches itself (learned
+        # scorer) or there is a single patch size (uniform ViT).
+        self.host_selection = len(config.patch_sizes) > 1 and config.selection.scorer != "learned"
         self.process_index = process_index
         self.process_count = process_count
         for key in ("batch_size", "eval_batch_size"):
@@ -143,25 +174,47 @@ class InputPipeline:
         self.train_source = load_source(config.dataset, config.train_split, **kwargs)
         self.eval_source = load_source(config.dataset, config.eval_split, **kwargs)
         self.num_classes = self.train_source.num_classes
-        if self.adaptive:
+        if self.host_selection:
+            seed = config.seed + process_index
+            self.selector = HostSelector(config, seed=seed)
+            self.eval_selector = HostSelector(
+                config, seed=seed, thresholds=config.eval_selection.thresholds,
+                budget=config.eval_selection.budget,
+            )
+            self.buckets = self.selector.buckets(config, self.image_size)
             grid = selection.grid_shapes(self.image_size, config.patch_sizes)
-            max_tokens = grid[0][0] * grid[0][1]
-            min_tokens = grid[-1][0] * grid[-1][1]
-            if config.sequence.buckets:
-                self.buckets = sequence.validate_buckets(config.sequence.buckets, max_tokens)
-            else:
-                self.buckets = sequence.default_buckets(
-                    min_tokens, max_tokens, config.sequence.num_buckets
-                )
-            self.selector = HostSelector(config, seed=config.seed + process_index)
+            self.pack_length = config.sequence.pack_length or grid[0][0] * grid[0][1]
+            self.eval_buckets = self.eval_selector.buckets(config, self.image_size)
         self._eval_ds = self._decoded(self.eval_source, cache=config.cache)
         self._train_ds = self._decoded(self.train_source, cache=config.cache)
 
+    def describe_selection(self) -> str:
+        """Return a one-line summary of where and how patches are selected."""
+        sel = self.config.selection
+        if len(self.config.patch_sizes) == 1:
+            return f"uniform patch size {self.config.patch_sizes[0]}"
+        if not self.host_selection:
+            return f"learned selector on the device, budget {sel.budget} tokens"
+        rule = f"budget {sel.budget}" if sel.mode == "budget" else f"thresholds {tuple(sel.thresholds)}"
+        if self.config.sequence.mode == "pack":
+            seq = (f"packed rows of {self.pack_length} tokens, at most "
+                   f"{self.config.sequence.max_images_per_row} images per row")
+        else:
+            seq = f"buckets {self.buckets}"
+        return f"{sel.scorer} scores on the host, {rule}, {seq}"
+
     def _decoded(self, source: Source, cache: bool) -> tf.data.Dataset:
         size = self.image_size
+        resize_size = self.resize_size
+        pad = self.config.fit_image_size == "pad"
 
         def decode(example):
-            image = resize_and_center_crop(to_rgb_uint8(example["image"]), size)
+            image = resize_and_center_crop(to_rgb_uint8(example["image"]), resize_size)
+            if size != resize_size:
+                if pad:
+                    image = tf.image.pad_to_bounding_box(image, 0, 0, size[0], size[1])
+                else:
+                    image = tf.image.resize_with_crop_or_pad(image, size[0], size[1])
             image = tf.ensure_shape(image, (size[0], size[1], 3))
             return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
@@ -169,18 +222,23 @@ class InputPipeline:
         return ds.cache() if cache else ds
 
     def _assemble(
-        self, chunks: Iterator[dict[str, np.ndarray]], batch_size: int, finite: bool
+        self, chunks: Iterator[dict[str, np.ndarray]], batch_size: int, finite: bool,
+        selector: HostSelector | None = None, buckets: tuple[int, ...] = (),
     ) -> Iterator[dict[str, np.ndarray]]:
         """Attach tilings to image chunks and regroup them into bucketed batches."""
-        if not self.adaptive:
+        if selector is None:
             for chunk in chunks:
                 n = chunk["label"].shape[0]
                 batch = {**chunk, "weight": np.ones((n,), np.float32)}
                 yield sequence.pad_batch(batch, batch_size) if finite else batch
             return
-        bucketer = sequence.Bucketer(self.buckets, batch_size)
+        if self.config.sequence.mode == "pack":
+            per_row = self.config.sequence.max_images_per_row
+            bucketer = packing.Packer(batch_size // per_row, self.pack_length, per_row)
+        else:
+            bucketer = sequence.Bucketer(buckets, batch_size)
         for chunk in chunks:
-            masks = self.selector(chunk["image"])
+            masks = selector(chunk["image"])
             for i in range(chunk["label"].shape[0]):
                 example = {"image": chunk["image"][i], "label": chunk["label"][i],
                            "weight": np.float32(1.0)}
@@ -204,17 +262,23 @@ class InputPipeline:
                 lambda ex: {**ex, "image": random_crop_flip(ex["image"], size)},
                 num_parallel_calls=AUTOTUNE,
             )
-        chunk = self.local_batch_size if not self.adaptive else self.config.selection_chunk
+        chunk = self.config.selection_chunk if self.host_selection else self.local_batch_size
         ds = ds.batch(chunk, drop_remainder=True).prefetch(AUTOTUNE)
         chunks = self._checked(ds.as_numpy_iterator(), self.config.train_split)
-        return self._assemble(chunks, self.local_batch_size, finite=False)
+        if not self.host_selection:
+            return self._assemble(chunks, self.local_batch_size, finite=False)
+        return self._assemble(chunks, self.local_batch_size, False, self.selector, self.buckets)
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Yield every eval example once; short batches are padded with weight-0 rows."""
-        chunk = self.local_eval_batch_size if not self.adaptive else self.config.selection_chunk
+        chunk = self.config.selection_chunk if self.host_selection else self.local_eval_batch_size
         ds = self._eval_ds.batch(chunk).prefetch(AUTOTUNE)
         chunks = self._checked(ds.as_numpy_iterator(), self.config.eval_split)
-        return self._assemble(chunks, self.local_eval_batch_size, finite=True)
+        if not self.host_selection:
+            return self._assemble(chunks, self.local_eval_batch_size, finite=True)
+        return self._assemble(
+            chunks, self.local_eval_batch_size, True, self.eval_selector, self.eval_buckets
+        )
 
     def _checked(self, chunks: Iterator, split: str) -> Iterator:
         """Re-raise a decoding failure as a ValueError that names the unreadable files."""

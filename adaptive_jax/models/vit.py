@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from adaptive_jax.patch_embed import MixedPatchEmbedding
+from adaptive_jax.selection import level_offsets
 
 # Standard ViT sizes (Dosovitskiy et al., 2021; Ti from Touvron et al., 2021):
 # (hidden_size, depth, num_heads, mlp_dim).
@@ -93,28 +94,41 @@ class AdaptiveViT(nn.Module):
         patch_index: jax.Array | None = None,
         token_mask: jax.Array | None = None,
         token_scale: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         *,
         train: bool = False,
     ) -> jax.Array:
-        """Return logits (batch, num_classes).
+        """Return logits (batch, num_classes), or (rows, slots, num_classes) when packed.
 
         Args:
-          images: normalised NHWC images.
+          images: normalised NHWC images. For packed rows, (rows * slots, H, W, C) with
+            slot e of row r at index ``r * slots + e`` (see ``adaptive_jax.packing``).
           patch_index: (batch, tokens) flat patch indices of each image's tiling, padded to
-            a common length; ``None`` for the uniform smallest-size grid.
+            a common length; ``None`` for the uniform smallest-size grid. For packed rows,
+            (rows, tokens) indices, each into the image of the token's own segment.
           token_mask: (batch, tokens), True for real tokens, False for padding. Padding
             tokens are never attended to and never pooled, so their values and number do
-            not change the logits.
+            not change the logits. Not used with ``segment_ids``.
           token_scale: optional (batch, tokens) factors multiplied into the token
             embeddings; a learned selector passes factors equal to 1 that carry its
             gradient (see ``models.learned``).
+          segment_ids: optional (rows, tokens) int ids of packed rows: 0 for padding and
+            ``e + 1`` for a token of slot e of its row. A token attends only to tokens of
+            its own segment, and each segment is pooled into its own logits, so an
+            image's logits match those of the same image alone in a bucketed batch. With
+            pool='cls' the model prepends one class token per slot.
         """
         if self.pool not in POOLS:
             raise ValueError(f"Unknown pool {self.pool!r}; choose one of {POOLS}.")
-        x = MixedPatchEmbedding(
+        embedding = MixedPatchEmbedding(
             self.patch_sizes, self.image_size, self.hidden_size, self.embed_mode, self.dtype,
             name="embedding",
-        )(images, patch_index)
+        )
+        if segment_ids is not None:
+            return self._packed(embedding, images, patch_index, token_mask, token_scale,
+                                segment_ids, train=train)
+
+        x = embedding(images, patch_index)
         if token_scale is not None:
             x = x * token_scale[..., None].astype(x.dtype)
         b, t, _ = x.shape
@@ -122,25 +136,126 @@ class AdaptiveViT(nn.Module):
             token_mask = jnp.ones((b, t), bool)
 
         if self.pool == "cls":
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+            cls = self._class_token()
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.hidden_size)).astype(x.dtype), x], axis=1)
             token_mask = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)
 
         # Key-only mask, (batch, 1 head axis, 1 query axis, keys): padded queries still see
         # real keys, so no softmax row is empty.
         attention_mask = token_mask[:, None, None, :]
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-        for i in range(self.depth):
-            x = EncoderBlock(
-                self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, name=f"block_{i}"
-            )(x, attention_mask, deterministic=not train)
-        x = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+        x = self._encode(x, attention_mask, train=train)
 
         if self.pool == "cls":
             pooled = x[:, 0]
         else:
             weights = token_mask[..., None].astype(x.dtype)
             pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+        return self._head(pooled)
+
+    def _packed(
+        self,
+        embedding: MixedPatchEmbedding,
+        images: jax.Array,
+        patch_index: jax.Array | None,
+        token_mask: jax.Array | None,
+        token_scale: jax.Array | None,
+        segment_ids: jax.Array,
+        *,
+        train: bool,
+    ) -> jax.Array:
+        """Encode packed rows; return logits (rows, slots, num_classes)."""
+        if patch_index is None:
+            raise ValueError(
+                "segment_ids requires patch_index, because packed rows have no uniform grid. "
+                "Pass the packed batch's patch_index."
+            )
+        if token_mask is not None:
+            raise ValueError(
+                "Got both token_mask and segment_ids. Pass only segment_ids for packed rows, "
+                "where segment id 0 marks padding."
+            )
+        if patch_index.shape != segment_ids.shape:
+            raise ValueError(
+                f"patch_index {patch_index.shape} and segment_ids {segment_ids.shape} must "
+                "have the same (rows, tokens) shape."
+            )
+        rows = segment_ids.shape[0]
+        if images.shape[0] % rows:
+            raise ValueError(
+                f"{images.shape[0]} images cannot fill {rows} packed rows; give rows * slots "
+                "images, slot e of row r at index r * slots + e."
+            )
+        slots = images.shape[0] // rows
+
+        x = gather_packed_tokens(embedding, images, patch_index, segment_ids,
+                                 self.image_size, self.patch_sizes)
+        if token_scale is not None:
+            x = x * token_scale[..., None].astype(x.dtype)
+
+        segment_ids = segment_ids.astype(jnp.int32)
+        if self.pool == "cls":
+            # Class token e carries segment id e + 1, so it attends to and is attended by
+            # exactly the tokens of slot e, as the single class token of a bucketed row.
+            cls = jnp.broadcast_to(self._class_token(), (rows, slots, self.hidden_size))
+            x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+            slot_ids = jnp.broadcast_to(jnp.arange(1, slots + 1, dtype=jnp.int32), (rows, slots))
+            segment_ids = jnp.concatenate([slot_ids, segment_ids], axis=1)
+
+        # Image tokens attend only within their segment, so never to padding (id 0) or
+        # another image. Padding tokens attend only to padding, which keeps every softmax
+        # row non-empty, even in a row of padding only.
+        attention_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        x = self._encode(x, attention_mask, train=train)
+
+        if self.pool == "cls":
+            pooled = x[:, :slots]
+        else:
+            membership = segment_ids[..., None] == jnp.arange(1, slots + 1, dtype=jnp.int32)
+            weights = membership.astype(x.dtype)
+            counts = weights.sum(axis=1)[..., None]
+            pooled = jnp.einsum("rts,rtd->rsd", weights, x) / jnp.maximum(counts, 1.0)
+        return self._head(pooled)
+
+    def _class_token(self) -> jax.Array:
+        return self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+
+    def _encode(self, x: jax.Array, attention_mask: jax.Array, *, train: bool) -> jax.Array:
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        for i in range(self.depth):
+            x = EncoderBlock(
+                self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, name=f"block_{i}"
+            )(x, attention_mask, deterministic=not train)
+        return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+
+    def _head(self, pooled: jax.Array) -> jax.Array:
         return nn.Dense(
             self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"
         )(pooled).astype(jnp.float32)
+
+
+def gather_packed_tokens(
+    embedding: MixedPatchEmbedding,
+    images: jax.Array,
+    patch_index: jax.Array,
+    segment_ids: jax.Array,
+    image_size: Sequence[int],
+    patch_sizes: Sequence[int],
+) -> jax.Array:
+    """Embed every patch of every stacked image and gather the tokens of packed rows.
+
+    Token t of row r with segment id ``e + 1`` is patch ``patch_index[r, t]`` of image
+    ``r * slots + e``. Padding (segment id 0) reads slot 0 and is masked out later.
+    Returns (rows, tokens, hidden_size). The gather stays within a row's own images, so
+    it needs no communication when rows and images are sharded over the same batch axis.
+    The embedding runs on every slot, empty ones included, at every patch size.
+    """
+    rows = segment_ids.shape[0]
+    num_images = images.shape[0]
+    slots = num_images // rows
+    num_patches = int(level_offsets(image_size, patch_sizes)[-1])
+    every_patch = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32), (num_images, num_patches))
+    tokens = embedding(images, every_patch)
+    tokens = tokens.reshape(rows, slots * num_patches, tokens.shape[-1])
+    slot = jnp.maximum(segment_ids.astype(jnp.int32) - 1, 0)
+    flat_index = slot * num_patches + patch_index.astype(jnp.int32)
+    return jnp.take_along_axis(tokens, flat_index[..., None], axis=1)

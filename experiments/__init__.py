@@ -1,0 +1,1 @@
+"""Benchmark and ablation scripts; run each with ``python -m experiments.NAME``."""

@@ -1,0 +1,804 @@
+"""Inference throughput of an adaptive-patch ViT against the uniform ViT of the same size.
+
+The benchmark loads real photos and tiles them on the host, scoring and selecting
+patches under ``jit`` on the CPU as the input pipeline does. It arranges the tilings into
+bucketed or packed batches and then times two jitted eval-mode forward passes on the same
+images:
+
+  adaptive: ``AdaptiveViT`` with patch sizes (p, 2p, 4p) and each image's mixed tiling.
+  uniform:  ``AdaptiveViT`` with ``patch_sizes=(p,)`` and no ``patch_index``, a plain ViT.
+
+Both use the encoder sizes of ``models.vit.VARIANTS``. Warm-up passes, which compile every
+batch shape, are not timed. The timed passes alternate between the two models in one
+process, and the JSON output reports medians. Weights are randomly initialised, which
+does not change the amount of computation.
+
+Example:
+
+  python -m experiments.throughput --images /data/photos --variant S/16 \\
+      --resolution 384 --batch-size 16 --out throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from adaptive_jax import packing, scoring, selection, sequence
+from adaptive_jax.models.vit import VARIANTS, AdaptiveViT
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SEQUENCE_MODES = ("bucket", "pack")
+# APT's entropy thresholds in bits for patch sizes (p, 2p, 4p): a 2p patch is kept whole
+# below 5.75 bits and a 4p patch below 4.0 bits, over 512 histogram bins of 0..255.
+APT_THRESHOLDS = (5.75, 4.0)
+APT_ENTROPY_BINS = 512
+NUM_CLASSES = 1000  # an ImageNet-1k head
+RESULT_KEYS = (
+    "adaptive_img_per_s",
+    "uniform_img_per_s",
+    "speedup",
+    "tokens_per_image",
+    "padding_fraction",
+    "compiled_programs",
+    "ideal_speedup",
+    "efficiency",
+    "selection_fraction",
+    "machine",
+    "command",
+    "date",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Resolved benchmark settings: model sizes, patch sizes and the tiling rule."""
+
+    variant: str
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_sizes: tuple[int, ...]
+    image_size: tuple[int, int]
+    scorer: str
+    thresholds: tuple[float, ...]
+    bins: int
+
+    @property
+    def uniform_tokens(self) -> int:
+        """Token count of the smallest-size grid, the uniform ViT's sequence length."""
+        rows, cols = selection.grid_shapes(self.image_size, self.patch_sizes)[0]
+        return rows * cols
+
+    @property
+    def coarsest_tokens(self) -> int:
+        """Token count of the largest-size grid, the shortest possible adaptive sequence."""
+        rows, cols = selection.grid_shapes(self.image_size, self.patch_sizes)[-1]
+        return rows * cols
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of integers such as '16,32,64'."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, for example '16,32,64'."
+        ) from error
+
+
+def parse_float_list(text: str) -> tuple[float, ...]:
+    """Parse a comma-separated list of numbers such as '5.75,4.0'."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers, for example '5.75,4.0'."
+        ) from error
+
+
+def parse_variant(text: str) -> tuple[str, int]:
+    """Split a variant such as 'S/16' into its name and smallest patch size."""
+    name, _, patch = text.partition("/")
+    if name not in VARIANTS or not patch.isdigit() or int(patch) < 1:
+        raise ValueError(
+            f"--variant {text!r} is invalid; give NAME/PATCH with NAME one of "
+            f"{sorted(VARIANTS)} and PATCH the smallest patch size in pixels, for example "
+            "'S/16'."
+        )
+    return name, int(patch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of the benchmark."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.throughput",
+        description=(
+            "Time the forward pass of an adaptive-patch ViT and of the uniform ViT of the "
+            "same variant on the same photos, interleaved in one process."
+        ),
+    )
+    parser.add_argument(
+        "--images", required=True, type=pathlib.Path,
+        help="folder of JPEG or PNG photos, read recursively (flat or with class subfolders)",
+    )
+    parser.add_argument(
+        "--variant", default="Ti/16",
+        help="ViT variant NAME/PATCH, for example Ti/16, S/16 or B/16; PATCH is the "
+        "smallest patch size in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=384,
+        help="side of the square model input in pixels, after resizing the shorter side "
+        "and center cropping (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16,
+        help="images per batch, or rows per batch with --sequence pack (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--patch-sizes", type=parse_int_list, default=None,
+        help="comma-separated patch sizes in pixels, smallest first, each double the one "
+        "before (default: p,2p,4p for the variant's p)",
+    )
+    parser.add_argument(
+        "--thresholds", type=parse_float_list, default=None,
+        help="comma-separated thresholds, one per patch size except the smallest: a patch "
+        "of size k is kept whole where its score is below threshold k-1 (default with the "
+        "entropy scorer and three sizes: APT's 5.75,4.0 bits)",
+    )
+    parser.add_argument(
+        "--bins", type=int, default=APT_ENTROPY_BINS,
+        help="histogram bins over grey levels 0..255 for the entropy scorer "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scorer", choices=scoring.SCORERS, default=None,
+        help="importance scorer for the tiling (default: entropy)",
+    )
+    parser.add_argument(
+        "--sequence", choices=SEQUENCE_MODES, default="bucket",
+        help="'bucket' pads each image to a bucket length, one image per row; 'pack' "
+        "places several images in one row (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-buckets", type=int, default=4,
+        help="bucket lengths for --sequence bucket, spread evenly up to the uniform token "
+        "count (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pack-length", type=int, default=None,
+        help="tokens per row for --sequence pack (default: the uniform token count)",
+    )
+    parser.add_argument(
+        "--max-images-per-row", type=int, default=4,
+        help="image slots per row for --sequence pack; the patch embedding runs on every "
+        "slot, empty ones included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=None,
+        help="use at most this many images, the first in sorted path order (default: all)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5,
+        help="timed rounds; each round runs one selection, adaptive and uniform pass over "
+        "all images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1,
+        help="untimed rounds before the timed ones, at least 1 so that compilation is "
+        "excluded (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="parameter and random-scorer seed")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None,
+        help="write the JSON result to this file (default: print it to stdout)",
+    )
+    parser.add_argument(
+        "--all-smallest", action="store_true",
+        help="place the smallest patch everywhere (constant scorer), the zero-reduction case",
+    )
+    # Encoder sizes HIDDEN,DEPTH,HEADS,MLP that replace the variant's, for fast tests.
+    parser.add_argument("--encoder-sizes", type=parse_int_list, default=None,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_setup(args: argparse.Namespace) -> Setup:
+    """Check the arguments and derive model sizes and the tiling rule; raise ValueError."""
+    name, patch = parse_variant(args.variant)
+    hidden, depth, heads, mlp = VARIANTS[name]
+    if args.encoder_sizes is not None:
+        if len(args.encoder_sizes) != 4:
+            raise ValueError("--encoder-sizes takes four integers: HIDDEN,DEPTH,HEADS,MLP.")
+        hidden, depth, heads, mlp = args.encoder_sizes
+
+    patch_sizes = args.patch_sizes or (patch, 2 * patch, 4 * patch)
+    if patch_sizes[0] != patch:
+        raise ValueError(
+            f"--patch-sizes {patch_sizes} starts at {patch_sizes[0]}, but --variant "
+            f"{args.variant} has patch size {patch}; the smallest size must match it."
+        )
+    if len(patch_sizes) < 2:
+        raise ValueError(f"--patch-sizes {patch_sizes} has one size; give at least two.")
+    image_size = (args.resolution, args.resolution)
+    selection.validate_patch_sizes(patch_sizes, image_size)
+
+    if args.all_smallest and args.scorer not in (None, "constant"):
+        raise ValueError(
+            f"--all-smallest uses the constant scorer, but --scorer {args.scorer} was given; "
+            "drop one of them."
+        )
+    scorer = "constant" if args.all_smallest else args.scorer or "entropy"
+    thresholds = args.thresholds
+    if thresholds is None:
+        if scorer == "constant":
+            # Constant scores are +inf, so no threshold keeps a coarse patch.
+            thresholds = (0.0,) * (len(patch_sizes) - 1)
+        elif scorer == "entropy" and len(patch_sizes) == len(APT_THRESHOLDS) + 1:
+            thresholds = APT_THRESHOLDS
+        else:
+            raise ValueError(
+                f"No default thresholds for the {scorer} scorer with patch sizes "
+                f"{patch_sizes}; give --thresholds with {len(patch_sizes) - 1} values."
+            )
+    if len(thresholds) != len(patch_sizes) - 1:
+        raise ValueError(
+            f"--thresholds {thresholds} has {len(thresholds)} values for patch sizes "
+            f"{patch_sizes}; give {len(patch_sizes) - 1}, one per size except the smallest."
+        )
+
+    for flag, value in (
+        ("--resolution", args.resolution),
+        ("--batch-size", args.batch_size),
+        ("--bins", args.bins),
+        ("--num-buckets", args.num_buckets),
+        ("--max-images-per-row", args.max_images_per_row),
+        ("--repeats", args.repeats),
+        ("--warmup", args.warmup),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} {value} is invalid; give at least 1.")
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images} is invalid; give at least 1.")
+    if hidden % heads:
+        raise ValueError(f"Hidden size {hidden} is not divisible by {heads} attention heads.")
+    return Setup(
+        variant=f"{name}/{patch}", hidden_size=hidden, depth=depth, num_heads=heads,
+        mlp_dim=mlp, patch_sizes=tuple(patch_sizes), image_size=image_size, scorer=scorer,
+        thresholds=tuple(thresholds), bins=args.bins,
+    )
+
+
+def find_images(root: pathlib.Path) -> list[pathlib.Path]:
+    """Return the JPEG and PNG files under ``root``, recursively, in sorted path order."""
+    if not root.is_dir():
+        raise ValueError(f"--images {root} is not a folder; give a folder of JPEG or PNG files.")
+    paths = sorted(
+        path for path in root.rglob("*")
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise ValueError(
+            f"No JPEG or PNG files found under {root}; expected names ending in "
+            f"{', '.join(IMAGE_SUFFIXES)}."
+        )
+    return paths
+
+
+def load_image(path: pathlib.Path, resolution: int) -> np.ndarray:
+    """Decode an image to RGB, resize its shorter side to ``resolution`` and center-crop.
+
+    Returns uint8 pixels of shape (resolution, resolution, 3). Resizing is bilinear, which
+    Pillow antialiases when it shrinks an image.
+    """
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"Cannot decode {path}: {error}. Remove or replace the file.") from error
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (
+        max(resolution, round(width * scale)),
+        max(resolution, round(height * scale)),
+    )
+    image = image.resize(new_size, Image.Resampling.BILINEAR)
+    left = (new_size[0] - resolution) // 2
+    top = (new_size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(image, np.uint8)
+
+
+class HostTiler:
+    """Score and tile uint8 images under ``jit`` on the host CPU.
+
+    Calling it returns the flat tiling masks (images, total_patches) as NumPy booleans, in
+    the flat token order of ``selection.flatten_masks``.
+    """
+
+    def __init__(self, setup: Setup, seed: int):
+        self.setup = setup
+        self._device = jax.devices("cpu")[0]
+        with jax.default_device(self._device):
+            self._rng = jax.random.PRNGKey(seed)
+        self._select = jax.jit(self._flat_masks)
+
+    def _flat_masks(self, images: jax.Array, rng: jax.Array) -> jax.Array:
+        sizes = self.setup.patch_sizes
+        if self.setup.scorer == "entropy":
+            scores = scoring.entropy_scores(images, sizes, self.setup.bins)
+        elif self.setup.scorer == "laplacian":
+            scores = scoring.laplacian_scores(images, sizes)
+        elif self.setup.scorer == "constant":
+            scores = scoring.constant_scores(images, sizes)
+        else:
+            scores = scoring.random_scores(rng, images, sizes)
+        masks = selection.threshold_tiling(scores, self.setup.thresholds)
+        return selection.flatten_masks(masks)
+
+    def __call__(self, images: np.ndarray, chunk_index: int) -> np.ndarray:
+        """Tile one chunk; ``chunk_index`` seeds the random scorer, so reruns repeat it."""
+        with jax.default_device(self._device):
+            rng = jax.random.fold_in(self._rng, chunk_index)
+            images = jax.device_put(images, self._device)
+            return np.asarray(self._select(images, rng))
+
+
+def split_chunks(images: np.ndarray, size: int) -> list[np.ndarray]:
+    """Split images into consecutive chunks of ``size``; the last one may be shorter."""
+    return [images[start:start + size] for start in range(0, images.shape[0], size)]
+
+
+def bucket_batches(
+    images: np.ndarray, flat_masks: np.ndarray, buckets: Sequence[int], batch_size: int
+) -> list[Batch]:
+    """Arrange images into bucketed batches, unfinished buckets padded with weight-0 rows."""
+    bucketer = sequence.Bucketer(buckets, batch_size)
+    batches = []
+    for image, flat_mask in zip(images, flat_masks):
+        batch = bucketer.add({"image": image, "weight": np.float32(1.0)}, flat_mask)
+        if batch is not None:
+            batches.append(batch)
+    batches.extend(bucketer.flush())
+    return batches
+
+
+def packed_batches(
+    images: np.ndarray, flat_masks: np.ndarray, rows: int, pack_length: int,
+    max_images_per_row: int,
+) -> list[Batch]:
+    """Arrange images into packed batches of ``rows`` rows by first fit."""
+    packer = packing.Packer(rows, pack_length, max_images_per_row)
+    batches = []
+    for image, flat_mask in zip(images, flat_masks):
+        batch = packer.add({"image": image, "weight": np.float32(1.0)}, flat_mask)
+        if batch is not None:
+            batches.append(batch)
+    batches.extend(packer.flush())
+    return batches
+
+
+def uniform_batches(images: np.ndarray, batch_size: int) -> list[Batch]:
+    """Split images into batches, the last one padded with weight-0 rows to a full batch."""
+    return [
+        sequence.pad_batch({"image": chunk}, batch_size)
+        for chunk in split_chunks(images, batch_size)
+    ]
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """Map uint8 pixels to [-1, 1], as training does."""
+    return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+
+
+def make_forward(model: AdaptiveViT) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+    """Return the jitted eval-mode forward pass of ``model`` on a dict of batch arrays.
+
+    The dict holds ``image`` and, for the adaptive model, ``patch_index`` with either
+    ``token_mask`` (bucketed) or ``segment_ids`` (packed).
+    """
+
+    def forward(params: Any, inputs: dict[str, jax.Array]) -> jax.Array:
+        return model.apply(
+            {"params": params},
+            normalize_images(inputs["image"]),
+            inputs.get("patch_index"),
+            inputs.get("token_mask"),
+            segment_ids=inputs.get("segment_ids"),
+            train=False,
+        )
+
+    return jax.jit(forward)
+
+
+def to_device(batches: Sequence[Batch], keys: Sequence[str]) -> list[dict[str, jax.Array]]:
+    """Copy the model inputs of each batch to the default device before timing."""
+    return [{key: jax.device_put(batch[key]) for key in keys} for batch in batches]
+
+
+def time_forward_pass(
+    forward: Callable[[Any, dict[str, jax.Array]], jax.Array],
+    params: Any,
+    inputs: Sequence[dict[str, jax.Array]],
+) -> float:
+    """Return the seconds to run ``forward`` over every batch, waiting for all outputs."""
+    start = time.perf_counter()
+    outputs = [forward(params, batch) for batch in inputs]
+    jax.block_until_ready(outputs)
+    return time.perf_counter() - start
+
+
+def time_selection_pass(tiler: HostTiler, chunks: Sequence[np.ndarray]) -> float:
+    """Return the seconds to score and tile every chunk; NumPy conversion waits for each."""
+    start = time.perf_counter()
+    for index, chunk in enumerate(chunks):
+        tiler(chunk, index)
+    return time.perf_counter() - start
+
+
+def encoder_layer_flops(tokens: int, hidden: int, mlp: int) -> int:
+    """Return the FLOPs (2 per multiply-add) of one encoder layer on one sequence.
+
+    Counts the query, key, value and output projections (4 d^2 per token), the MLP
+    (2 d m per token) and the two attention matmuls QK^T and AV (2 T^2 d). Layer norms,
+    softmax and GELU are left out.
+    """
+    return 2 * tokens * (4 * hidden * hidden + 2 * hidden * mlp) + 2 * 2 * tokens * tokens * hidden
+
+
+def patch_embedding_flops(image_size: Sequence[int], hidden: int, levels: int) -> int:
+    """Return the FLOPs of the strided-convolution patch projections of one RGB image.
+
+    Every pixel enters exactly one patch per level, so each level costs H * W * 3 * d
+    multiply-adds whatever its patch size. ``MixedPatchEmbedding`` in 'separate' mode
+    projects every level of an image, whichever patches its tiling keeps.
+    """
+    return 2 * image_size[0] * image_size[1] * 3 * hidden * levels
+
+
+def count_flops(
+    batches: Sequence[Batch], setup: Setup, levels: int, tokens: int | None = None
+) -> dict[str, float]:
+    """Return the encoder and patch-embedding FLOPs of running ``batches``, padding included.
+
+    A batch's sequence length is its ``patch_index`` width, or ``tokens`` for the uniform
+    model. The embedding runs once per image in the batch's image array, so filler rows
+    and empty packed slots count as well.
+    """
+    encoder = 0
+    embedding = 0
+    for batch in batches:
+        if "patch_index" in batch:
+            rows, length = batch["patch_index"].shape
+        else:
+            rows, length = batch["image"].shape[0], tokens
+        encoder += rows * setup.depth * encoder_layer_flops(length, setup.hidden_size, setup.mlp_dim)
+        embedding += batch["image"].shape[0] * patch_embedding_flops(
+            setup.image_size, setup.hidden_size, levels
+        )
+    return {"encoder": float(encoder), "patch_embedding": float(embedding),
+            "total": float(encoder + embedding)}
+
+
+def count_padding(batches: Sequence[Batch]) -> tuple[int, int]:
+    """Return (padding positions, all token positions) over the adaptive batches.
+
+    A position is padding when it holds no token, or a token of a weight-0 filler image.
+    """
+    padded = 0
+    positions = 0
+    for batch in batches:
+        size = batch["patch_index"].size
+        padded += round(packing.padding_fraction(batch) * size)
+        positions += size
+    return padded, positions
+
+
+def cpu_model_name() -> str:
+    """Return the CPU model name, from /proc/cpuinfo on Linux where platform has none."""
+    name = platform.processor()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return name
+
+
+def total_memory_gib() -> float | None:
+    """Return the physical memory in GiB, or None where sysconf cannot report it."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def describe_machine() -> dict[str, Any]:
+    """Return the platform, CPU, memory, JAX version and device of this run."""
+    device = jax.devices()[0]
+    try:
+        load_average = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        load_average = None
+    return {
+        "platform": platform.platform(),
+        "processor": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": total_memory_gib(),
+        "python_version": platform.python_version(),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        # Load over 1, 5 and 15 minutes when the timing ended; other work on the machine
+        # slows both models.
+        "load_average": load_average,
+    }
+
+
+def compiled_program_count(forward: Any, inputs: Sequence[dict[str, jax.Array]]) -> tuple[int, str]:
+    """Return the number of programs ``forward`` compiled and where that number comes from.
+
+    Uses the private ``_cache_size()`` of jitted functions (present in jax 0.10.2), else
+    counts the distinct input shape signatures.
+    """
+    cache_size = getattr(forward, "_cache_size", None)
+    if callable(cache_size):
+        return int(cache_size()), "jit cache size"
+    signatures = {
+        tuple(sorted((key, value.shape, str(value.dtype)) for key, value in batch.items()))
+        for batch in inputs
+    }
+    return len(signatures), "distinct input shapes"
+
+
+def load_images(paths: Sequence[pathlib.Path], resolution: int) -> np.ndarray:
+    """Load every image as uint8 (len(paths), resolution, resolution, 3)."""
+    return np.stack([load_image(path, resolution) for path in paths])
+
+
+def arrange_adaptive(
+    args: argparse.Namespace, setup: Setup, images: np.ndarray, flat_masks: np.ndarray
+) -> tuple[list[Batch], dict[str, Any]]:
+    """Arrange tiled images into the adaptive batches and describe the layout."""
+    if args.sequence == "bucket":
+        buckets = sequence.default_buckets(
+            setup.coarsest_tokens, setup.uniform_tokens, args.num_buckets
+        )
+        batches = bucket_batches(images, flat_masks, buckets, args.batch_size)
+        return batches, {"buckets": list(buckets)}
+    pack_length = args.pack_length or setup.uniform_tokens
+    batches = packed_batches(
+        images, flat_masks, args.batch_size, pack_length, args.max_images_per_row
+    )
+    return batches, {"pack_length": pack_length, "max_images_per_row": args.max_images_per_row}
+
+
+def build_models(setup: Setup, seed: int) -> tuple[AdaptiveViT, Any, AdaptiveViT, Any]:
+    """Return (adaptive model, its params, uniform model, its params), randomly initialised."""
+    sizes = dict(
+        hidden_size=setup.hidden_size, depth=setup.depth, num_heads=setup.num_heads,
+        mlp_dim=setup.mlp_dim,
+    )
+    adaptive = AdaptiveViT(
+        num_classes=NUM_CLASSES, image_size=setup.image_size, patch_sizes=setup.patch_sizes,
+        **sizes,
+    )
+    uniform = AdaptiveViT(
+        num_classes=NUM_CLASSES, image_size=setup.image_size,
+        patch_sizes=(setup.patch_sizes[0],), **sizes,
+    )
+    dummy = jnp.zeros((1, *setup.image_size, 3), jnp.float32)
+    adaptive_key, uniform_key = jax.random.split(jax.random.PRNGKey(seed))
+    adaptive_params = jax.jit(adaptive.init)(adaptive_key, dummy)["params"]
+    uniform_params = jax.jit(uniform.init)(uniform_key, dummy)["params"]
+    return adaptive, adaptive_params, uniform, uniform_params
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    tiler: HostTiler,
+    chunks: Sequence[np.ndarray],
+    passes: dict[str, tuple[Callable, Any, list[dict[str, jax.Array]]]],
+) -> dict[str, list[float]]:
+    """Run warm-up rounds, then timed rounds; return the timed seconds of each pass.
+
+    Each round runs one selection pass, then the adaptive and uniform forward passes, in
+    an order that swaps every round so neither model always runs first.
+    """
+    seconds: dict[str, list[float]] = {"selection": [], "adaptive": [], "uniform": []}
+    for round_index in range(args.warmup + args.repeats):
+        timed = round_index >= args.warmup
+        order = ("adaptive", "uniform") if round_index % 2 == 0 else ("uniform", "adaptive")
+        times = {"selection": time_selection_pass(tiler, chunks)}
+        for name in order:
+            forward, params, inputs = passes[name]
+            times[name] = time_forward_pass(forward, params, inputs)
+        label = f"round {round_index - args.warmup + 1}" if timed else "warm-up round"
+        logger.info(
+            "%s: selection %.3f s, adaptive %.3f s, uniform %.3f s", label,
+            times["selection"], times["adaptive"], times["uniform"],
+        )
+        if timed:
+            for name, value in times.items():
+                seconds[name].append(value)
+    return seconds
+
+
+def run_benchmark(args: argparse.Namespace, setup: Setup, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
+    """Load, tile and arrange the images, time both models and return the result dict."""
+    logger.info("Loading %d images at %d px", len(paths), args.resolution)
+    images = load_images(paths, args.resolution)
+    num_images = images.shape[0]
+
+    tiler = HostTiler(setup, args.seed)
+    chunks = split_chunks(images, args.batch_size)
+    flat_masks = np.concatenate([tiler(chunk, index) for index, chunk in enumerate(chunks)])
+    tokens = flat_masks.sum(axis=1)
+
+    adaptive_batches, layout = arrange_adaptive(args, setup, images, flat_masks)
+    plain_batches = uniform_batches(images, args.batch_size)
+    mask_key = "token_mask" if args.sequence == "bucket" else "segment_ids"
+    adaptive_inputs = to_device(adaptive_batches, ("image", "patch_index", mask_key))
+    uniform_inputs = to_device(plain_batches, ("image",))
+
+    adaptive, adaptive_params, uniform, uniform_params = build_models(setup, args.seed)
+    adaptive_forward = make_forward(adaptive)
+    uniform_forward = make_forward(uniform)
+    logger.info(
+        "%d adaptive and %d uniform batches; running %d warm-up and %d timed rounds",
+        len(adaptive_inputs), len(uniform_inputs), args.warmup, args.repeats,
+    )
+    seconds = run_rounds(args, tiler, chunks, {
+        "adaptive": (adaptive_forward, adaptive_params, adaptive_inputs),
+        "uniform": (uniform_forward, uniform_params, uniform_inputs),
+    })
+
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    adaptive_img_per_s = num_images / medians["adaptive"]
+    uniform_img_per_s = num_images / medians["uniform"]
+    speedup = adaptive_img_per_s / uniform_img_per_s
+    selection_per_image = medians["selection"] / num_images
+    forward_per_image = medians["adaptive"] / num_images
+
+    levels = len(setup.patch_sizes)
+    adaptive_flops = count_flops(adaptive_batches, setup, levels)
+    uniform_flops = count_flops(plain_batches, setup, 1, setup.uniform_tokens)
+    ideal_speedup = uniform_flops["total"] / adaptive_flops["total"]
+    # Without padding: each image's own token count, no filler rows or empty slots.
+    unpadded_adaptive = sum(
+        setup.depth * encoder_layer_flops(int(n), setup.hidden_size, setup.mlp_dim)
+        + patch_embedding_flops(setup.image_size, setup.hidden_size, levels)
+        for n in tokens
+    )
+    unpadded_uniform = num_images * (
+        setup.depth * encoder_layer_flops(setup.uniform_tokens, setup.hidden_size, setup.mlp_dim)
+        + patch_embedding_flops(setup.image_size, setup.hidden_size, 1)
+    )
+    padded, positions = count_padding(adaptive_batches)
+    programs, programs_source = compiled_program_count(adaptive_forward, adaptive_inputs)
+    uniform_programs, _ = compiled_program_count(uniform_forward, uniform_inputs)
+
+    return {
+        "adaptive_img_per_s": adaptive_img_per_s,
+        "uniform_img_per_s": uniform_img_per_s,
+        "speedup": speedup,
+        "tokens_per_image": {"adaptive": float(tokens.mean()), "uniform": setup.uniform_tokens},
+        "padding_fraction": padded / positions,
+        "compiled_programs": programs,
+        "compiled_programs_source": programs_source,
+        "compiled_programs_uniform": uniform_programs,
+        "ideal_speedup": ideal_speedup,
+        "efficiency": speedup / ideal_speedup,
+        "ideal_speedup_without_padding": unpadded_uniform / unpadded_adaptive,
+        "flops_per_image": {
+            "adaptive": {key: value / num_images for key, value in adaptive_flops.items()},
+            "uniform": {key: value / num_images for key, value in uniform_flops.items()},
+            "counted": "encoder projections, MLP and attention matmuls, plus patch-embedding "
+            "convolutions, over the batches actually run (padding, filler rows and empty "
+            "slots included); layer norms, softmax, GELU, embedding sums, gathers, pooling "
+            "and head excluded",
+        },
+        "selection_fraction": selection_per_image / (selection_per_image + forward_per_image),
+        "selection_img_per_s": num_images / medians["selection"],
+        "median_pass_seconds": medians,
+        "pass_seconds": seconds,
+        "settings": {
+            "images": str(args.images),
+            "num_images": num_images,
+            "variant": setup.variant,
+            "encoder": {"hidden_size": setup.hidden_size, "depth": setup.depth,
+                        "num_heads": setup.num_heads, "mlp_dim": setup.mlp_dim},
+            "resolution": args.resolution,
+            "patch_sizes": list(setup.patch_sizes),
+            "scorer": setup.scorer,
+            "thresholds": list(setup.thresholds),
+            "bins": setup.bins,
+            "sequence": args.sequence,
+            **layout,
+            "batch_size": args.batch_size,
+            "adaptive_batches": len(adaptive_batches),
+            "uniform_batches": len(plain_batches),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "dtype": "float32",
+            "seed": args.seed,
+        },
+        "machine": describe_machine(),
+    }
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Return a few human-readable lines summarising a result."""
+    settings = result["settings"]
+    tokens = result["tokens_per_image"]
+    return "\n".join([
+        f"{settings['variant']} at {settings['resolution']} px, {settings['num_images']} "
+        f"images, {settings['sequence']}, batch {settings['batch_size']}, median of "
+        f"{settings['repeats']} rounds:",
+        f"  adaptive {result['adaptive_img_per_s']:9.2f} img/s  ({tokens['adaptive']:.1f} "
+        f"tokens/image, {100 * result['padding_fraction']:.1f}% padding, "
+        f"{result['compiled_programs']} compiled programs)",
+        f"  uniform  {result['uniform_img_per_s']:9.2f} img/s  ({tokens['uniform']} "
+        "tokens/image)",
+        f"  speedup {result['speedup']:.2f}x, ideal {result['ideal_speedup']:.2f}x from FLOPs, "
+        f"efficiency {result['efficiency']:.2f}",
+        f"  host selection: {100 * result['selection_fraction']:.1f}% of adaptive time per "
+        "image",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark with command-line arguments ``argv`` and return the result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup = resolve_setup(args)
+        paths = find_images(args.images)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.num_images is not None:
+        paths = paths[:args.num_images]
+
+    result = run_benchmark(args, setup, paths)
+    result["command"] = shlex.join([sys.executable, "-m", "experiments.throughput", *argv])
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    text = json.dumps(result, indent=2)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        logger.info("Wrote %s", args.out)
+    print(format_summary(result))
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()
