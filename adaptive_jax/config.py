@@ -89,6 +89,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 1.0
     c.label_smoothing = 0.0
 
+    # Multi-process runs (TPU pods, multi-host GPU): see distributed.initialize. Unset
+    # values are read from the environment by jax.distributed.initialize.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port"
+    c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+
     c.log_every = 50  # steps between train metric lines
     c.eval_every = 500  # steps between evaluations; the last step always evaluates
     c.checkpoint_every = 500  # steps between checkpoints; the last step always saves

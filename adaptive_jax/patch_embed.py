@@ -2,8 +2,10 @@
 
 ``MixedPatchEmbedding`` embeds every patch of every level, adds a positional embedding
 for the patch's position and size, and gathers the patches of a tiling into a token
-sequence by their flat index (see ``selection.level_offsets``). Computing all levels costs
-about 4/3 of one smallest-size projection, which is small next to the encoder.
+sequence by their flat index (see ``selection.level_offsets``). In 'separate' mode each
+level's strided conv costs ``height * width * channels * hidden_size`` multiply-adds, the
+same as the smallest-size projection, so L levels cost L times the embedding of a uniform
+ViT; in 'resize' mode the coarse levels run on downsampled images and cost less.
 """
 
 from __future__ import annotations

@@ -98,6 +98,18 @@ class Bucketer:
                 yield pad_batch(stack_examples(pending), self.batch_size)
 
 
+def pad_to_length(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Pad a bucketed batch's ``patch_index`` and ``token_mask`` to ``length`` tokens."""
+    extra = length - batch["patch_index"].shape[1]
+    if extra < 0:
+        raise ValueError(f"Cannot pad a batch of {batch['patch_index'].shape[1]} tokens to {length}.")
+    return {
+        **batch,
+        "patch_index": np.pad(batch["patch_index"], ((0, 0), (0, extra))),
+        "token_mask": np.pad(batch["token_mask"], ((0, 0), (0, extra))),
+    }
+
+
 def stack_examples(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adaptive_jax import config as config_lib
-from adaptive_jax import profiling
+from adaptive_jax import distributed, profiling
 from adaptive_jax.data import InputPipeline, prefetch
 from adaptive_jax.models import AdaptiveViT
 from adaptive_jax.models.learned import LearnedSelectionViT
@@ -291,12 +291,24 @@ def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> Batch:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def global_batches(local_batches: Iterator, sharding: NamedSharding) -> Iterator[Batch]:
+    """Turn this process's batches into global arrays, prefetched in a background thread.
+
+    With several processes, shape alignment runs collectives, so it happens on the
+    calling thread in step order; only host-side batch assembly is prefetched.
+    """
+    if jax.process_count() == 1:
+        return prefetch(local_batches, transform=functools.partial(_to_global, sharding=sharding))
+    aligned = distributed.aligned_batches(prefetch(local_batches))
+    return (_to_global(batch, sharding) for batch in aligned)
+
+
 def evaluate(
     eval_fn: Callable, params, pipeline: InputPipeline, sharding: NamedSharding
 ) -> dict[str, float]:
     """Evaluate on the whole eval split; every example counts exactly once."""
     totals = None
-    for batch in prefetch(pipeline.eval_batches(), transform=functools.partial(_to_global, sharding=sharding)):
+    for batch in global_batches(pipeline.eval_batches(), sharding):
         sums = eval_fn(params, batch)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -343,8 +355,13 @@ class _ThroughputMeter:
 
 
 def _log_train(writer: MetricWriter, pending: list, step: int, total: int,
-               steps_per_sec: float, batch_size: int) -> None:
+               steps_per_sec: float | None, batch_size: int) -> None:
+    """Write the mean train metrics since the last log; the rate is None for the first step."""
     means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    if steps_per_sec is None:
+        writer.write(step, means)
+        logging.info("step %d/%d: loss %.4f (includes compilation)", step, total, means["train_loss"])
+        return
     means["steps_per_sec"] = steps_per_sec
     means["images_per_sec"] = steps_per_sec * batch_size
     writer.write(step, means)
@@ -372,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluation of the same step, so a failing evaluation loses no training.
     """
     config_lib.validate_config(config)
+    distributed.initialize(config)
     workdir = os.path.abspath(workdir)
     is_chief = jax.process_index() == 0
 
@@ -435,10 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.close()
         return eval_metrics
 
-    batches = prefetch(
-        pipeline.train_batches(seed=config.seed + start_step),
-        transform=functools.partial(_to_global, sharding=data_sharding),
-    )
+    batches = global_batches(pipeline.train_batches(seed=config.seed + start_step), data_sharding)
     pending: list[dict[str, jax.Array]] = []
     meter = _ThroughputMeter(start_step)
     with _StopRequest() as stop, profiling.count_compilations() as compiled:
@@ -449,8 +464,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 jax.block_until_ready(metrics)
                 meter.start(step)
 
-            if is_due(step, config.log_every, total) and step > meter.last_step:
-                _log_train(writer, pending, step, total, meter.rate(step), config.batch_size)
+            if is_due(step, config.log_every, total):
+                rate = meter.rate(step) if step > meter.last_step else None
+                _log_train(writer, pending, step, total, rate, config.batch_size)
                 pending = []
 
             if is_due(step, config.checkpoint_every, total) or stop.requested:

@@ -6,6 +6,7 @@ bucketed or packed batches and then times two jitted eval-mode forward passes on
 images:
 
   adaptive: ``AdaptiveViT`` with patch sizes (p, 2p, 4p) and each image's mixed tiling.
+            Sizes that do not divide the resolution are left out by default.
   uniform:  ``AdaptiveViT`` with ``patch_sizes=(p,)`` and no ``patch_index``, a plain ViT.
 
 Both use the encoder sizes of ``models.vit.VARIANTS``. Warm-up passes, which compile every
@@ -22,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -41,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from adaptive_jax import packing, scoring, selection, sequence
+from adaptive_jax import packing, profiling, scoring, selection, sequence
 from adaptive_jax.models.vit import VARIANTS, AdaptiveViT
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,11 @@ Batch = dict[str, np.ndarray]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SEQUENCE_MODES = ("bucket", "pack")
-# APT's entropy thresholds in bits for patch sizes (p, 2p, 4p): a 2p patch is kept whole
-# below 5.75 bits and a 4p patch below 4.0 bits, over 512 histogram bins of 0..255.
+# Entropy thresholds in bits for patch sizes (p, 2p, 4p), the setting that
+# ``selection.threshold_tiling`` documents as APT's. A 2p patch is kept whole below 5.75
+# bits and a 4p patch below 4.0 bits.
 APT_THRESHOLDS = (5.75, 4.0)
+# Histogram bins over grey levels 0..255, the default of APT's entropy code.
 APT_ENTROPY_BINS = 512
 NUM_CLASSES = 1000  # an ImageNet-1k head
 RESULT_KEYS = (
@@ -124,7 +128,7 @@ def parse_variant(text: str) -> tuple[str, int]:
     name, _, patch = text.partition("/")
     if name not in VARIANTS or not patch.isdigit() or int(patch) < 1:
         raise ValueError(
-            f"--variant {text!r} is invalid; give NAME/PATCH with NAME one of "
+            f"--variant {text!r} is invalid. Give NAME/PATCH with NAME one of "
             f"{sorted(VARIANTS)} and PATCH the smallest patch size in pixels, for example "
             "'S/16'."
         )
@@ -140,136 +144,166 @@ def build_parser() -> argparse.ArgumentParser:
             "same variant on the same photos, interleaved in one process."
         ),
     )
-    parser.add_argument(
+
+    data = parser.add_argument_group("images and model")
+    data.add_argument(
         "--images", required=True, type=pathlib.Path,
         help="folder of JPEG or PNG photos, read recursively (flat or with class subfolders)",
     )
-    parser.add_argument(
+    data.add_argument(
+        "--num-images", type=int, default=None,
+        help="use at most this many images, the first in sorted path order (default: all)",
+    )
+    data.add_argument(
         "--variant", default="Ti/16",
-        help="ViT variant NAME/PATCH, for example Ti/16, S/16 or B/16; PATCH is the "
+        help="ViT variant NAME/PATCH, for example Ti/16, S/16 or B/16, where PATCH is the "
         "smallest patch size in pixels (default: %(default)s)",
     )
-    parser.add_argument(
+    data.add_argument(
         "--resolution", type=int, default=384,
         help="side of the square model input in pixels, after resizing the shorter side "
         "and center cropping (default: %(default)s)",
     )
-    parser.add_argument(
+    data.add_argument(
         "--batch-size", type=int, default=16,
         help="images per batch, or rows per batch with --sequence pack (default: %(default)s)",
     )
-    parser.add_argument(
+
+    tiling = parser.add_argument_group("tiling")
+    tiling.add_argument(
         "--patch-sizes", type=parse_int_list, default=None,
         help="comma-separated patch sizes in pixels, smallest first, each double the one "
-        "before (default: p,2p,4p for the variant's p)",
+        "before (default: p,2p,4p for the variant's p, without the sizes that do not "
+        "divide --resolution)",
     )
-    parser.add_argument(
+    tiling.add_argument(
+        "--scorer", choices=scoring.SCORERS, default=None,
+        help="importance scorer for the tiling (default: entropy)",
+    )
+    tiling.add_argument(
         "--thresholds", type=parse_float_list, default=None,
-        help="comma-separated thresholds, one per patch size except the smallest: a patch "
+        help="comma-separated thresholds, one per patch size except the smallest. A patch "
         "of size k is kept whole where its score is below threshold k-1 (default with the "
-        "entropy scorer and three sizes: APT's 5.75,4.0 bits)",
+        "entropy scorer: APT's 5.75,4.0 bits, or 5.75 with two sizes)",
     )
-    parser.add_argument(
+    tiling.add_argument(
         "--bins", type=int, default=APT_ENTROPY_BINS,
         help="histogram bins over grey levels 0..255 for the entropy scorer "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--scorer", choices=scoring.SCORERS, default=None,
-        help="importance scorer for the tiling (default: entropy)",
+    tiling.add_argument(
+        "--all-smallest", action="store_true",
+        help="place the smallest patch everywhere (constant scorer), the zero-reduction case",
     )
-    parser.add_argument(
+
+    layout = parser.add_argument_group("sequence layout")
+    layout.add_argument(
         "--sequence", choices=SEQUENCE_MODES, default="bucket",
-        help="'bucket' pads each image to a bucket length, one image per row; 'pack' "
+        help="'bucket' pads each image to a bucket length, one image per row. 'pack' "
         "places several images in one row (default: %(default)s)",
     )
-    parser.add_argument(
+    layout.add_argument(
         "--num-buckets", type=int, default=4,
         help="bucket lengths for --sequence bucket, spread evenly up to the uniform token "
         "count (default: %(default)s)",
     )
-    parser.add_argument(
+    layout.add_argument(
         "--pack-length", type=int, default=None,
         help="tokens per row for --sequence pack (default: the uniform token count)",
     )
-    parser.add_argument(
+    layout.add_argument(
         "--max-images-per-row", type=int, default=4,
-        help="image slots per row for --sequence pack; the patch embedding runs on every "
+        help="image slots per row for --sequence pack. The patch embedding runs on every "
         "slot, empty ones included (default: %(default)s)",
     )
-    parser.add_argument(
-        "--num-images", type=int, default=None,
-        help="use at most this many images, the first in sorted path order (default: all)",
-    )
-    parser.add_argument(
+
+    timing = parser.add_argument_group("timing and output")
+    timing.add_argument(
         "--repeats", type=int, default=5,
-        help="timed rounds; each round runs one selection, adaptive and uniform pass over "
+        help="timed rounds. Each round runs one selection, adaptive and uniform pass over "
         "all images (default: %(default)s)",
     )
-    parser.add_argument(
+    timing.add_argument(
         "--warmup", type=int, default=1,
         help="untimed rounds before the timed ones, at least 1 so that compilation is "
         "excluded (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="parameter and random-scorer seed")
-    parser.add_argument(
+    timing.add_argument("--seed", type=int, default=0, help="parameter and random-scorer seed")
+    timing.add_argument(
         "--out", type=pathlib.Path, default=None,
         help="write the JSON result to this file (default: print it to stdout)",
     )
-    parser.add_argument(
-        "--all-smallest", action="store_true",
-        help="place the smallest patch everywhere (constant scorer), the zero-reduction case",
-    )
+
     # Encoder sizes HIDDEN,DEPTH,HEADS,MLP that replace the variant's, for fast tests.
     parser.add_argument("--encoder-sizes", type=parse_int_list, default=None,
                         help=argparse.SUPPRESS)
     return parser
 
 
-def resolve_setup(args: argparse.Namespace) -> Setup:
-    """Check the arguments and derive model sizes and the tiling rule; raise ValueError."""
-    name, patch = parse_variant(args.variant)
-    hidden, depth, heads, mlp = VARIANTS[name]
-    if args.encoder_sizes is not None:
-        if len(args.encoder_sizes) != 4:
-            raise ValueError("--encoder-sizes takes four integers: HIDDEN,DEPTH,HEADS,MLP.")
-        hidden, depth, heads, mlp = args.encoder_sizes
+def default_patch_sizes(patch: int, resolution: int) -> tuple[int, ...]:
+    """Return (p, 2p, 4p) without the coarsest sizes that do not divide ``resolution``.
 
-    patch_sizes = args.patch_sizes or (patch, 2 * patch, 4 * patch)
-    if patch_sizes[0] != patch:
-        raise ValueError(
-            f"--patch-sizes {patch_sizes} starts at {patch_sizes[0]}, but --variant "
-            f"{args.variant} has patch size {patch}; the smallest size must match it."
-        )
-    if len(patch_sizes) < 2:
-        raise ValueError(f"--patch-sizes {patch_sizes} has one size; give at least two.")
+    For example p = 16 at 224 px gives (16, 32), because 224 is not a multiple of 64.
+    """
+    sizes = [patch, 2 * patch, 4 * patch]
+    while len(sizes) > 1 and resolution % sizes[-1]:
+        sizes.pop()
+    return tuple(sizes)
+
+
+def resolve_patch_sizes(args: argparse.Namespace, patch: int) -> tuple[int, ...]:
+    """Return the requested or default patch sizes, or raise ValueError."""
     image_size = (args.resolution, args.resolution)
+    if args.patch_sizes is None:
+        patch_sizes = default_patch_sizes(patch, args.resolution)
+        if len(patch_sizes) < 3:
+            logger.warning(
+                "Patch size %d does not divide %d px, so the tiling uses patch sizes %s.",
+                4 * patch, args.resolution, patch_sizes,
+            )
+    else:
+        patch_sizes = args.patch_sizes
+        if patch_sizes[0] != patch:
+            raise ValueError(
+                f"--patch-sizes {patch_sizes} starts at {patch_sizes[0]}, but --variant "
+                f"{args.variant} has patch size {patch}. The smallest size must match it."
+            )
     selection.validate_patch_sizes(patch_sizes, image_size)
-
-    if args.all_smallest and args.scorer not in (None, "constant"):
+    if len(patch_sizes) < 2:
         raise ValueError(
-            f"--all-smallest uses the constant scorer, but --scorer {args.scorer} was given; "
-            "drop one of them."
+            f"Patch sizes {patch_sizes} leave nothing to adapt. Use a resolution that is a "
+            f"multiple of {2 * patch}, or give --patch-sizes with at least two sizes."
         )
-    scorer = "constant" if args.all_smallest else args.scorer or "entropy"
+    return tuple(patch_sizes)
+
+
+def resolve_thresholds(args: argparse.Namespace, scorer: str, levels: int) -> tuple[float, ...]:
+    """Return the requested or default thresholds for ``levels`` patch sizes."""
     thresholds = args.thresholds
     if thresholds is None:
         if scorer == "constant":
             # Constant scores are +inf, so no threshold keeps a coarse patch.
-            thresholds = (0.0,) * (len(patch_sizes) - 1)
-        elif scorer == "entropy" and len(patch_sizes) == len(APT_THRESHOLDS) + 1:
-            thresholds = APT_THRESHOLDS
+            thresholds = (0.0,) * (levels - 1)
+        elif scorer == "entropy" and levels - 1 <= len(APT_THRESHOLDS):
+            thresholds = APT_THRESHOLDS[:levels - 1]
         else:
             raise ValueError(
-                f"No default thresholds for the {scorer} scorer with patch sizes "
-                f"{patch_sizes}; give --thresholds with {len(patch_sizes) - 1} values."
+                f"No default thresholds exist for the {scorer} scorer with {levels} patch "
+                f"sizes. Give --thresholds with {levels - 1} values."
             )
-    if len(thresholds) != len(patch_sizes) - 1:
+    if len(thresholds) != levels - 1:
         raise ValueError(
-            f"--thresholds {thresholds} has {len(thresholds)} values for patch sizes "
-            f"{patch_sizes}; give {len(patch_sizes) - 1}, one per size except the smallest."
+            f"--thresholds {thresholds} has {len(thresholds)} values for {levels} patch "
+            f"sizes. Give {levels - 1}, one per size except the smallest."
         )
+    return tuple(thresholds)
 
+
+def resolve_setup(args: argparse.Namespace) -> Setup:
+    """Validate the arguments and derive the model sizes and tiling rule.
+
+    Raises ValueError naming the invalid flag.
+    """
     for flag, value in (
         ("--resolution", args.resolution),
         ("--batch-size", args.batch_size),
@@ -280,29 +314,46 @@ def resolve_setup(args: argparse.Namespace) -> Setup:
         ("--warmup", args.warmup),
     ):
         if value < 1:
-            raise ValueError(f"{flag} {value} is invalid; give at least 1.")
-    if args.num_images is not None and args.num_images < 1:
-        raise ValueError(f"--num-images {args.num_images} is invalid; give at least 1.")
+            raise ValueError(f"{flag} {value} is invalid. Give at least 1.")
+    for flag, value in (("--num-images", args.num_images), ("--pack-length", args.pack_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} is invalid. Give at least 1.")
+
+    name, patch = parse_variant(args.variant)
+    hidden, depth, heads, mlp = VARIANTS[name]
+    if args.encoder_sizes is not None:
+        if len(args.encoder_sizes) != 4:
+            raise ValueError("--encoder-sizes takes four integers: HIDDEN,DEPTH,HEADS,MLP.")
+        hidden, depth, heads, mlp = args.encoder_sizes
     if hidden % heads:
         raise ValueError(f"Hidden size {hidden} is not divisible by {heads} attention heads.")
+
+    patch_sizes = resolve_patch_sizes(args, patch)
+    if args.all_smallest and args.scorer not in (None, "constant"):
+        raise ValueError(
+            f"--all-smallest uses the constant scorer, but --scorer {args.scorer} was given. "
+            "Drop one of them."
+        )
+    scorer = "constant" if args.all_smallest else args.scorer or "entropy"
+    thresholds = resolve_thresholds(args, scorer, len(patch_sizes))
     return Setup(
         variant=f"{name}/{patch}", hidden_size=hidden, depth=depth, num_heads=heads,
-        mlp_dim=mlp, patch_sizes=tuple(patch_sizes), image_size=image_size, scorer=scorer,
-        thresholds=tuple(thresholds), bins=args.bins,
+        mlp_dim=mlp, patch_sizes=patch_sizes, image_size=(args.resolution, args.resolution),
+        scorer=scorer, thresholds=thresholds, bins=args.bins,
     )
 
 
 def find_images(root: pathlib.Path) -> list[pathlib.Path]:
     """Return the JPEG and PNG files under ``root``, recursively, in sorted path order."""
     if not root.is_dir():
-        raise ValueError(f"--images {root} is not a folder; give a folder of JPEG or PNG files.")
+        raise ValueError(f"--images {root} is not a folder. Give a folder of JPEG or PNG files.")
     paths = sorted(
         path for path in root.rglob("*")
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
     )
     if not paths:
         raise ValueError(
-            f"No JPEG or PNG files found under {root}; expected names ending in "
+            f"No JPEG or PNG files found under {root}. Expected names ending in "
             f"{', '.join(IMAGE_SUFFIXES)}."
         )
     return paths
@@ -360,7 +411,7 @@ class HostTiler:
         return selection.flatten_masks(masks)
 
     def __call__(self, images: np.ndarray, chunk_index: int) -> np.ndarray:
-        """Tile one chunk; ``chunk_index`` seeds the random scorer, so reruns repeat it."""
+        """Tile one chunk. ``chunk_index`` seeds the random scorer, so reruns repeat it."""
         with jax.default_device(self._device):
             rng = jax.random.fold_in(self._rng, chunk_index)
             images = jax.device_put(images, self._device)
@@ -368,7 +419,7 @@ class HostTiler:
 
 
 def split_chunks(images: np.ndarray, size: int) -> list[np.ndarray]:
-    """Split images into consecutive chunks of ``size``; the last one may be shorter."""
+    """Split images into consecutive chunks of ``size``, the last one possibly shorter."""
     return [images[start:start + size] for start in range(0, images.shape[0], size)]
 
 
@@ -414,11 +465,14 @@ def normalize_images(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
 
 
-def make_forward(model: AdaptiveViT) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+def make_forward(
+    model: AdaptiveViT, name: str
+) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
     """Return the jitted eval-mode forward pass of ``model`` on a dict of batch arrays.
 
-    The dict holds ``image`` and, for the adaptive model, ``patch_index`` with either
-    ``token_mask`` (bucketed) or ``segment_ids`` (packed).
+    The dict contains ``image`` and, for the adaptive model, ``patch_index`` with either
+    ``token_mask`` (bucketed) or ``segment_ids`` (packed). ``name`` becomes the function
+    name that JAX reports with each compilation.
     """
 
     def forward(params: Any, inputs: dict[str, jax.Array]) -> jax.Array:
@@ -431,6 +485,7 @@ def make_forward(model: AdaptiveViT) -> Callable[[Any, dict[str, jax.Array]], ja
             train=False,
         )
 
+    forward.__name__ = forward.__qualname__ = name
     return jax.jit(forward)
 
 
@@ -452,7 +507,7 @@ def time_forward_pass(
 
 
 def time_selection_pass(tiler: HostTiler, chunks: Sequence[np.ndarray]) -> float:
-    """Return the seconds to score and tile every chunk; NumPy conversion waits for each."""
+    """Return the seconds to score and tile every chunk, waiting for each result."""
     start = time.perf_counter()
     for index, chunk in enumerate(chunks):
         tiler(chunk, index)
@@ -495,7 +550,8 @@ def count_flops(
             rows, length = batch["patch_index"].shape
         else:
             rows, length = batch["image"].shape[0], tokens
-        encoder += rows * setup.depth * encoder_layer_flops(length, setup.hidden_size, setup.mlp_dim)
+        layer = encoder_layer_flops(length, setup.hidden_size, setup.mlp_dim)
+        encoder += rows * setup.depth * layer
         embedding += batch["image"].shape[0] * patch_embedding_flops(
             setup.image_size, setup.hidden_size, levels
         )
@@ -506,7 +562,7 @@ def count_flops(
 def count_padding(batches: Sequence[Batch]) -> tuple[int, int]:
     """Return (padding positions, all token positions) over the adaptive batches.
 
-    A position is padding when it holds no token, or a token of a weight-0 filler image.
+    A position is padding when it contains no token, or a token of a weight-0 filler image.
     """
     padded = 0
     positions = 0
@@ -553,18 +609,24 @@ def describe_machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
-        # Load over 1, 5 and 15 minutes when the timing ended; other work on the machine
+        # Load over 1, 5 and 15 minutes when the timing ended. Other work on the machine
         # slows both models.
         "load_average": load_average,
     }
 
 
-def compiled_program_count(forward: Any, inputs: Sequence[dict[str, jax.Array]]) -> tuple[int, str]:
+def compiled_program_count(
+    forward: Any, compile_events: int, inputs: Sequence[dict[str, jax.Array]]
+) -> tuple[int, str]:
     """Return the number of programs ``forward`` compiled and where that number comes from.
 
-    Uses the private ``_cache_size()`` of jitted functions (present in jax 0.10.2), else
-    counts the distinct input shape signatures.
+    ``compile_events`` is the count of XLA compilations that ``profiling`` recorded for
+    it. A program loaded from a persistent compilation cache records no event, so a count
+    of 0 falls back to the private ``_cache_size()`` of jitted functions (present in jax
+    0.10.2), and then to the number of distinct input shape signatures.
     """
+    if compile_events > 0:
+        return compile_events, "XLA compile events"
     cache_size = getattr(forward, "_cache_size", None)
     if callable(cache_size):
         return int(cache_size()), "jit cache size"
@@ -623,32 +685,114 @@ def run_rounds(
     tiler: HostTiler,
     chunks: Sequence[np.ndarray],
     passes: dict[str, tuple[Callable, Any, list[dict[str, jax.Array]]]],
-) -> dict[str, list[float]]:
-    """Run warm-up rounds, then timed rounds; return the timed seconds of each pass.
+) -> tuple[dict[str, list[float]], collections.Counter, collections.Counter]:
+    """Run warm-up rounds, then timed rounds.
 
     Each round runs one selection pass, then the adaptive and uniform forward passes, in
-    an order that swaps every round so neither model always runs first.
+    an order that swaps every round so neither model always runs first. Returns the timed
+    seconds of each pass and the XLA compilations by function name during the warm-up
+    and the timed rounds.
     """
     seconds: dict[str, list[float]] = {"selection": [], "adaptive": [], "uniform": []}
+    warmup_compiles: collections.Counter = collections.Counter()
+    timed_compiles: collections.Counter = collections.Counter()
     for round_index in range(args.warmup + args.repeats):
         timed = round_index >= args.warmup
         order = ("adaptive", "uniform") if round_index % 2 == 0 else ("uniform", "adaptive")
-        times = {"selection": time_selection_pass(tiler, chunks)}
-        for name in order:
-            forward, params, inputs = passes[name]
-            times[name] = time_forward_pass(forward, params, inputs)
+        with profiling.count_compilations() as compiles:
+            times = {"selection": time_selection_pass(tiler, chunks)}
+            for name in order:
+                forward, params, inputs = passes[name]
+                times[name] = time_forward_pass(forward, params, inputs)
         label = f"round {round_index - args.warmup + 1}" if timed else "warm-up round"
         logger.info(
             "%s: selection %.3f s, adaptive %.3f s, uniform %.3f s", label,
             times["selection"], times["adaptive"], times["uniform"],
         )
-        if timed:
-            for name, value in times.items():
-                seconds[name].append(value)
-    return seconds
+        if not timed:
+            warmup_compiles.update(compiles)
+            continue
+        if compiles:
+            logger.warning("%s compiled %s, so its times include compilation.", label,
+                           dict(compiles))
+        timed_compiles.update(compiles)
+        for name, value in times.items():
+            seconds[name].append(value)
+    return seconds, warmup_compiles, timed_compiles
 
 
-def run_benchmark(args: argparse.Namespace, setup: Setup, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
+def compare_flops(
+    setup: Setup, adaptive_batches: Sequence[Batch], plain_batches: Sequence[Batch],
+    tokens: np.ndarray,
+) -> dict[str, Any]:
+    """Return the ideal speedups from FLOPs and the FLOPs per image of both models.
+
+    ``ideal_speedup`` divides the uniform model's FLOPs by the adaptive model's over the
+    batches actually run, padding included. ``ideal_speedup_without_padding`` uses each
+    image's own token count ``tokens`` instead, with no filler rows or empty slots.
+    """
+    num_images = tokens.shape[0]
+    levels = len(setup.patch_sizes)
+    adaptive_flops = count_flops(adaptive_batches, setup, levels)
+    uniform_flops = count_flops(plain_batches, setup, 1, setup.uniform_tokens)
+
+    unpadded_adaptive = sum(
+        setup.depth * encoder_layer_flops(int(count), setup.hidden_size, setup.mlp_dim)
+        + patch_embedding_flops(setup.image_size, setup.hidden_size, levels)
+        for count in tokens
+    )
+    unpadded_uniform = num_images * (
+        setup.depth * encoder_layer_flops(setup.uniform_tokens, setup.hidden_size, setup.mlp_dim)
+        + patch_embedding_flops(setup.image_size, setup.hidden_size, 1)
+    )
+    return {
+        "ideal_speedup": uniform_flops["total"] / adaptive_flops["total"],
+        "ideal_speedup_without_padding": unpadded_uniform / unpadded_adaptive,
+        "flops_per_image": {
+            "adaptive": {key: value / num_images for key, value in adaptive_flops.items()},
+            "uniform": {key: value / num_images for key, value in uniform_flops.items()},
+            "counted": "encoder projections, MLP and attention matmuls, plus patch-embedding "
+            "convolutions, over the batches actually run with padding, filler rows and empty "
+            "slots. Layer norms, softmax, GELU, embedding sums, gathers, pooling and the head "
+            "are excluded.",
+        },
+    }
+
+
+def describe_settings(
+    args: argparse.Namespace, setup: Setup, num_images: int, layout: dict[str, Any],
+    adaptive_batches: Sequence[Batch], plain_batches: Sequence[Batch],
+) -> dict[str, Any]:
+    """Return the resolved settings of a run for the JSON result."""
+    shapes = sorted({batch["patch_index"].shape for batch in adaptive_batches})
+    return {
+        "images": str(args.images),
+        "num_images": num_images,
+        "variant": setup.variant,
+        "encoder": {"hidden_size": setup.hidden_size, "depth": setup.depth,
+                    "num_heads": setup.num_heads, "mlp_dim": setup.mlp_dim},
+        "resolution": args.resolution,
+        "patch_sizes": list(setup.patch_sizes),
+        "scorer": setup.scorer,
+        "thresholds": list(setup.thresholds),
+        "bins": setup.bins,
+        "sequence": args.sequence,
+        **layout,
+        "batch_size": args.batch_size,
+        "adaptive_batches": len(adaptive_batches),
+        # Distinct (rows, tokens) shapes of the adaptive patch_index, one program each.
+        "adaptive_batch_shapes": [list(shape) for shape in shapes],
+        "uniform_batches": len(plain_batches),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "dtype": "float32",
+        "seed": args.seed,
+    }
+
+
+def run_benchmark(
+    args: argparse.Namespace, setup: Setup, paths: Sequence[pathlib.Path]
+) -> dict[str, Any]:
     """Load, tile and arrange the images, time both models and return the result dict."""
     logger.info("Loading %d images at %d px", len(paths), args.resolution)
     images = load_images(paths, args.resolution)
@@ -666,13 +810,13 @@ def run_benchmark(args: argparse.Namespace, setup: Setup, paths: Sequence[pathli
     uniform_inputs = to_device(plain_batches, ("image",))
 
     adaptive, adaptive_params, uniform, uniform_params = build_models(setup, args.seed)
-    adaptive_forward = make_forward(adaptive)
-    uniform_forward = make_forward(uniform)
+    adaptive_forward = make_forward(adaptive, "adaptive_forward")
+    uniform_forward = make_forward(uniform, "uniform_forward")
     logger.info(
-        "%d adaptive and %d uniform batches; running %d warm-up and %d timed rounds",
+        "%d adaptive and %d uniform batches, running %d warm-up and %d timed rounds",
         len(adaptive_inputs), len(uniform_inputs), args.warmup, args.repeats,
     )
-    seconds = run_rounds(args, tiler, chunks, {
+    seconds, warmup_compiles, timed_compiles = run_rounds(args, tiler, chunks, {
         "adaptive": (adaptive_forward, adaptive_params, adaptive_inputs),
         "uniform": (uniform_forward, uniform_params, uniform_inputs),
     })
@@ -684,23 +828,15 @@ def run_benchmark(args: argparse.Namespace, setup: Setup, paths: Sequence[pathli
     selection_per_image = medians["selection"] / num_images
     forward_per_image = medians["adaptive"] / num_images
 
-    levels = len(setup.patch_sizes)
-    adaptive_flops = count_flops(adaptive_batches, setup, levels)
-    uniform_flops = count_flops(plain_batches, setup, 1, setup.uniform_tokens)
-    ideal_speedup = uniform_flops["total"] / adaptive_flops["total"]
-    # Without padding: each image's own token count, no filler rows or empty slots.
-    unpadded_adaptive = sum(
-        setup.depth * encoder_layer_flops(int(n), setup.hidden_size, setup.mlp_dim)
-        + patch_embedding_flops(setup.image_size, setup.hidden_size, levels)
-        for n in tokens
-    )
-    unpadded_uniform = num_images * (
-        setup.depth * encoder_layer_flops(setup.uniform_tokens, setup.hidden_size, setup.mlp_dim)
-        + patch_embedding_flops(setup.image_size, setup.hidden_size, 1)
-    )
+    flops = compare_flops(setup, adaptive_batches, plain_batches, tokens)
     padded, positions = count_padding(adaptive_batches)
-    programs, programs_source = compiled_program_count(adaptive_forward, adaptive_inputs)
-    uniform_programs, _ = compiled_program_count(uniform_forward, uniform_inputs)
+    compiles = warmup_compiles + timed_compiles
+    programs, programs_source = compiled_program_count(
+        adaptive_forward, compiles["adaptive_forward"], adaptive_inputs
+    )
+    uniform_programs, _ = compiled_program_count(
+        uniform_forward, compiles["uniform_forward"], uniform_inputs
+    )
 
     return {
         "adaptive_img_per_s": adaptive_img_per_s,
@@ -711,42 +847,19 @@ def run_benchmark(args: argparse.Namespace, setup: Setup, paths: Sequence[pathli
         "compiled_programs": programs,
         "compiled_programs_source": programs_source,
         "compiled_programs_uniform": uniform_programs,
-        "ideal_speedup": ideal_speedup,
-        "efficiency": speedup / ideal_speedup,
-        "ideal_speedup_without_padding": unpadded_uniform / unpadded_adaptive,
-        "flops_per_image": {
-            "adaptive": {key: value / num_images for key, value in adaptive_flops.items()},
-            "uniform": {key: value / num_images for key, value in uniform_flops.items()},
-            "counted": "encoder projections, MLP and attention matmuls, plus patch-embedding "
-            "convolutions, over the batches actually run (padding, filler rows and empty "
-            "slots included); layer norms, softmax, GELU, embedding sums, gathers, pooling "
-            "and head excluded",
-        },
+        # Compilations inside the timed rounds, by function name. The warm-up runs every
+        # batch, so this stays empty unless JAX recompiles a shape it has seen.
+        "compilations_during_timing": dict(timed_compiles),
+        "ideal_speedup": flops["ideal_speedup"],
+        "efficiency": speedup / flops["ideal_speedup"],
+        "ideal_speedup_without_padding": flops["ideal_speedup_without_padding"],
+        "flops_per_image": flops["flops_per_image"],
         "selection_fraction": selection_per_image / (selection_per_image + forward_per_image),
         "selection_img_per_s": num_images / medians["selection"],
         "median_pass_seconds": medians,
         "pass_seconds": seconds,
-        "settings": {
-            "images": str(args.images),
-            "num_images": num_images,
-            "variant": setup.variant,
-            "encoder": {"hidden_size": setup.hidden_size, "depth": setup.depth,
-                        "num_heads": setup.num_heads, "mlp_dim": setup.mlp_dim},
-            "resolution": args.resolution,
-            "patch_sizes": list(setup.patch_sizes),
-            "scorer": setup.scorer,
-            "thresholds": list(setup.thresholds),
-            "bins": setup.bins,
-            "sequence": args.sequence,
-            **layout,
-            "batch_size": args.batch_size,
-            "adaptive_batches": len(adaptive_batches),
-            "uniform_batches": len(plain_batches),
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "dtype": "float32",
-            "seed": args.seed,
-        },
+        "settings": describe_settings(args, setup, num_images, layout, adaptive_batches,
+                                      plain_batches),
         "machine": describe_machine(),
     }
 

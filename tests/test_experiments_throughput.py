@@ -71,6 +71,9 @@ def _check_common(result: dict, argv: list[str]) -> None:
     assert 4 <= result["tokens_per_image"]["adaptive"] <= UNIFORM_TOKENS
     assert 0 <= result["padding_fraction"] < 1
     assert result["compiled_programs"] >= 1
+    assert result["compiled_programs"] == len(result["settings"]["adaptive_batch_shapes"])
+    assert result["compiled_programs_source"] == "XLA compile events"
+    assert result["compilations_during_timing"] == {}
     assert result["ideal_speedup"] > 0
     assert result["efficiency"] == pytest.approx(result["speedup"] / result["ideal_speedup"])
     assert 0 < result["selection_fraction"] < 1
@@ -114,7 +117,8 @@ def test_all_smallest_matches_flops_by_hand(tmp_path):
     # encoder but projects all three patch-size levels of each image.
     encoder = DEPTH * _layer_flops(UNIFORM_TOKENS)
     embedding = 2 * RESOLUTION * RESOLUTION * 3 * HIDDEN
-    assert result["ideal_speedup"] == pytest.approx((encoder + embedding) / (encoder + 3 * embedding))
+    expected = (encoder + embedding) / (encoder + 3 * embedding)
+    assert result["ideal_speedup"] == pytest.approx(expected)
 
 
 def test_load_image_center_crops_longer_side(tmp_path):
@@ -160,3 +164,13 @@ def test_invalid_arguments_exit(tmp_path, extra):
 def test_empty_folder_exits(tmp_path):
     with pytest.raises(SystemExit):
         throughput.main(["--images", str(tmp_path), *TINY])
+
+
+@pytest.mark.parametrize("patch, resolution, expected", [
+    (16, 384, (16, 32, 64)),
+    (16, 224, (16, 32)),
+    (16, 208, (16,)),
+    (8, 64, (8, 16, 32)),
+])
+def test_default_patch_sizes_divide_resolution(patch, resolution, expected):
+    assert throughput.default_patch_sizes(patch, resolution) == expected

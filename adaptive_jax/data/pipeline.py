@@ -90,7 +90,8 @@ class HostSelector:
         self.thresholds = tuple(config.selection.thresholds if thresholds is None else thresholds)
         self.budget = int(config.selection.budget if budget is None else budget)
         self.bins = config.selection.bins
-        self._device = jax.devices("cpu")[0]
+        # A CPU device of this process: the host, even when the model runs on accelerators.
+        self._device = jax.local_devices(backend="cpu")[0]
         self._rng = jax.random.PRNGKey(seed)
         self._calls = 0
         self._select = jax.jit(self._flat_masks)
@@ -128,11 +129,12 @@ class HostSelector:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Return flat tiling masks (n, total_patches) for uint8 images (n, h, w, 3)."""
-        rng = jax.random.fold_in(self._rng, self._calls)
-        self._calls += 1
         with jax.default_device(self._device):
+            rng = jax.random.fold_in(jax.device_put(self._rng, self._device), self._calls)
             images = jax.device_put(images, self._device)
-            return np.asarray(self._select(images, rng))
+            masks = np.asarray(self._select(images, rng))
+        self._calls += 1
+        return masks
 
 
 class InputPipeline:
