@@ -132,29 +132,43 @@ def _tokens_per_example(model: nn.Module, batch: Batch, budget: int | None = Non
 
 def train_step(
     state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-    label_smoothing: float,
+    label_smoothing: float, axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Take one optimizer step on a global batch; returns the new state and metrics."""
+    """Take one optimizer step; returns the new state and metrics.
+
+    Under ``jax.jit`` the batch is global and ``axis_name`` is None. Under ``jax.pmap``
+    pass the mapped axis name: each device then holds its share of the batch, and loss,
+    gradients and metrics are summed over devices before dividing by the global weight,
+    so both forms compute the same step, also when devices hold different numbers of
+    real examples.
+    """
     rng, dropout_rng = jax.random.split(state.rng)
+    weight = batch["weight"]
+
+    def global_sum(x):
+        return jax.lax.psum(x, axis_name) if axis_name else x
+
+    total_weight = jnp.maximum(global_sum(weight.sum()), 1.0)
+    if axis_name:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
         logits = _apply(model, params, batch, train=True, rng=dropout_rng)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
-        weight = batch["weight"]
-        return (losses * weight).sum() / jnp.maximum(weight.sum(), 1.0), logits
+        return (losses * weight).sum() / total_weight, logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, grads = global_sum(loss), global_sum(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    weight = batch["weight"]
-    images = jnp.maximum(weight.sum(), 1.0)
     correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+    tokens = _tokens_per_example(model, batch)
     metrics = {
         "train_loss": loss,
-        "train_accuracy": (correct * weight).sum() / images,
+        "train_accuracy": global_sum((correct * weight).sum()) / total_weight,
         "grad_norm": optax.global_norm(grads),
-        "train_tokens_per_image": (_tokens_per_example(model, batch) * weight).sum() / images,
+        "train_tokens_per_image": global_sum((tokens * weight).sum()) / total_weight,
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics

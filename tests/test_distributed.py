@@ -99,3 +99,19 @@ def test_two_processes_match_one(tmp_path, mode):
     assert alone["eval_accuracy"] == pytest.approx(first["eval_accuracy"], abs=1e-6)
     assert alone["eval_tokens_per_image"] == pytest.approx(first["eval_tokens_per_image"], rel=1e-6)
     assert alone["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-4)
+
+
+def test_pmap_step_matches_jit():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "pmap_worker.py")],
+        cwd=REPO_ROOT, env=_env(8), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    assert report["pmap_losses_equal"]
+    assert report["pmap_loss"] == pytest.approx(report["jit_loss"], rel=1e-5)
+    assert report["pmap_grad_norm"] == pytest.approx(report["jit_grad_norm"], rel=1e-4)
+    # Adam's first update is about lr * sign(gradient), so gradients that differ only by
+    # summation order can move a parameter with a near-zero gradient by a fraction of lr.
+    assert report["max_param_diff"] < 0.1 * report["learning_rate"]
