@@ -369,9 +369,10 @@ class _ThroughputMeter:
 
 
 def _log_train(writer: MetricWriter, pending: list, step: int, total: int,
-               steps_per_sec: float | None, batch_size: int) -> None:
+               steps_per_sec: float | None, batch_size: int, train_seconds: float) -> None:
     """Write the mean train metrics since the last log; the rate is None for the first step."""
     means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    means["train_seconds"] = train_seconds
     if steps_per_sec is None:
         writer.write(step, means)
         logging.info("step %d/%d: loss %.4f (includes compilation)", step, total, means["train_loss"])
@@ -470,6 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = global_batches(pipeline.train_batches(seed=config.seed + start_step), data_sharding)
     pending: list[dict[str, jax.Array]] = []
     meter = _ThroughputMeter(start_step)
+    # Wall time of this run's training loop without evaluation, for time-to-accuracy.
+    loop_start, eval_seconds = time.time(), 0.0
     with _StopRequest() as stop, profiling.count_compilations() as compiled:
         for step in range(start_step + 1, total + 1):
             state, metrics = train_fn(state, next(batches))
@@ -480,15 +483,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
             if is_due(step, config.log_every, total):
                 rate = meter.rate(step) if step > meter.last_step else None
-                _log_train(writer, pending, step, total, rate, config.batch_size)
+                _log_train(writer, pending, step, total, rate, config.batch_size,
+                           time.time() - loop_start - eval_seconds)
                 pending = []
 
             if is_due(step, config.checkpoint_every, total) or stop.requested:
                 checkpoints.save(step, state, force=True)
 
             if is_due(step, config.eval_every, total):
+                eval_start = time.time()
+                train_seconds = eval_start - loop_start - eval_seconds
                 eval_metrics = evaluate(eval_fn, state.params, pipeline, data_sharding)
-                _log_eval(writer, step, eval_metrics)
+                eval_seconds += time.time() - eval_start
+                _log_eval(writer, step, {**eval_metrics, "train_seconds": train_seconds})
                 meter.start(step)  # keep evaluation out of the steps/s figure
 
             if stop.requested:

@@ -1,0 +1,135 @@
+"""Test accuracy against training wall-clock time for the adaptive and the uniform model.
+
+    python -m experiments.time_to_accuracy --data=/data/cifar10 --out=runs/time_to_accuracy \\
+        --steps=1500 --eval-every=250
+
+Trains ``configs/cifar10.py`` (adaptive) and ``configs/cifar10.py:uniform`` with the same
+encoder, batch size, schedule and step budget, one after the other in this process,
+evaluating on the whole test split every ``--eval-every`` steps. Training time excludes
+evaluation. Writes ``OUT/time_to_accuracy.json`` (the curves, the time each model needs to
+reach the uniform model's final accuracy, the machine and the command) and
+``OUT/time_to_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+
+import jax
+
+from adaptive_jax import train
+from configs import cifar10
+
+RUNS = (("adaptive", ""), ("uniform", "uniform"))
+
+
+def read_curve(workdir: str) -> list[dict[str, float]]:
+    """Return the eval points of a run: step, train_seconds, accuracy, tokens per image."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [
+        {"step": l["step"], "train_seconds": l["train_seconds"],
+         "eval_accuracy": l["eval_accuracy"], "eval_tokens_per_image": l["eval_tokens_per_image"]}
+        for l in lines if "eval_accuracy" in l
+    ]
+
+
+def time_to_reach(curve: Sequence[dict[str, float]], accuracy: float) -> float | None:
+    """Return the training time of the first eval point at or above ``accuracy``."""
+    for point in curve:
+        if point["eval_accuracy"] >= accuracy:
+            return point["train_seconds"]
+    return None
+
+
+def plot_curves(curves: dict[str, list[dict[str, float]]], png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve in curves.items():
+        axes[0].plot([p["train_seconds"] for p in curve], [p["eval_accuracy"] for p in curve],
+                     marker="o", label=name)
+        axes[1].plot([p["step"] for p in curve], [p["eval_accuracy"] for p in curve],
+                     marker="o", label=name)
+    axes[0].set_xlabel("training time (s, evaluation excluded)")
+    axes[1].set_xlabel("step")
+    for ax in axes:
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def machine_info() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "devices": [d.device_kind for d in jax.devices()],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="CIFAR-10 image folder with train/ and test/.")
+    parser.add_argument("--out", required=True, help="Folder for the runs, JSON and plot.")
+    parser.add_argument("--steps", type=int, default=1500, help="Training steps of each run.")
+    parser.add_argument("--eval-every", type=int, default=250, help="Steps between evaluations.")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args(argv)
+
+    curves = {}
+    for name, arg in RUNS:
+        config = cifar10.get_config(arg)
+        config.unlock()
+        config.dataset = f"imagefolder:{os.path.abspath(args.data)}"
+        config.total_steps = args.steps
+        config.eval_every = args.eval_every
+        config.log_every = args.eval_every
+        config.checkpoint_every = args.steps
+        config.batch_size = args.batch_size
+        config.lock()
+        workdir = os.path.join(args.out, name)
+        train.train_and_evaluate(config, workdir)
+        curves[name] = read_curve(workdir)
+
+    target = curves["uniform"][-1]["eval_accuracy"]
+    times = {name: time_to_reach(curve, target) for name, curve in curves.items()}
+    ratio = (times["adaptive"] / times["uniform"]
+             if times["adaptive"] is not None and times["uniform"] else None)
+    result = {
+        "target_accuracy": target,
+        "seconds_to_target": times,
+        "time_ratio_adaptive_over_uniform": ratio,
+        "final": {name: curve[-1] for name, curve in curves.items()},
+        "curves": curves,
+        "settings": {"steps": args.steps, "eval_every": args.eval_every,
+                     "batch_size": args.batch_size, "config": "configs/cifar10.py"},
+        "machine": machine_info(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.time_to_accuracy",
+                             *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "time_to_accuracy.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_curves(curves, os.path.join(args.out, "time_to_accuracy.png"))
+    print(json.dumps({k: result[k] for k in ("target_accuracy", "seconds_to_target",
+                                             "time_ratio_adaptive_over_uniform")}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from experiments import time_to_accuracy
+
+
+def _folder(root):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for label in ("a", "b"):
+            os.makedirs(root / split / label)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                pixels[:, 16:] = 128  # a flat half that coarse patches can cover
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_curves_and_ratio_written(tmp_path):
+    data = _folder(tmp_path / "images")
+    out = tmp_path / "out"
+    result = time_to_accuracy.main([f"--data={data}", f"--out={out}", "--steps=2",
+                                    "--eval-every=1", "--batch-size=8"])
+    for name in ("adaptive", "uniform"):
+        curve = result["curves"][name]
+        assert [p["step"] for p in curve] == [1, 2]
+        assert curve[0]["train_seconds"] <= curve[1]["train_seconds"]
+    assert result["final"]["uniform"]["eval_tokens_per_image"] == 64
+    assert result["final"]["adaptive"]["eval_tokens_per_image"] < 64
+    assert result["seconds_to_target"]["uniform"] is not None
+    saved = json.loads((out / "time_to_accuracy.json").read_text())
+    assert saved["target_accuracy"] == result["target_accuracy"]
+    assert (out / "time_to_accuracy.png").stat().st_size > 0
+
+
+def test_time_to_reach_first_point_at_target():
+    curve = [{"train_seconds": 1.0, "eval_accuracy": 0.2},
+             {"train_seconds": 2.0, "eval_accuracy": 0.5},
+             {"train_seconds": 3.0, "eval_accuracy": 0.4}]
+    assert time_to_accuracy.time_to_reach(curve, 0.45) == 2.0
+    assert time_to_accuracy.time_to_reach(curve, 0.9) is None
