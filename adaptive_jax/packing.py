@@ -20,10 +20,15 @@ has static shapes given (R, L, E):
 
 The model returns logits (R, E, num_classes), so ``logits.reshape(-1, num_classes)``,
 ``label.reshape(-1)`` and ``weight.reshape(-1)`` line up with the stacked images.
+
+``Packer`` places images as they arrive by first fit, or, given a ``lookahead``, holds
+that many images and fills each row with the subset of them that leaves the least
+padding (``best_fill``).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -93,6 +98,58 @@ def first_fit(
     return rows
 
 
+def best_fill(token_counts: Sequence[int], capacity: int, max_images: int) -> list[int]:
+    """Choose the images that fill a row of ``capacity`` tokens best.
+
+    Returns the indices, in increasing order, of at most ``max_images`` entries of
+    ``token_counts`` whose sum is the largest that does not exceed ``capacity``. Among
+    subsets with that sum it takes one with the fewest images, and among those it prefers
+    lower indices, so callers that list older images first place them first.
+
+    This is a 0/1 knapsack with a cardinality limit, solved exactly by dynamic
+    programming over reachable sums. Python integers serve as bit sets of sums, so the
+    cost is about ``len(token_counts) * max_images`` shifts of ``capacity + 1`` bits.
+    """
+    if capacity < 0 or max_images < 0:
+        raise ValueError(
+            f"capacity={capacity} and max_images={max_images} must both be at least 0."
+        )
+    counts = [int(count) for count in token_counts]
+    for count in counts:
+        if count < 1:
+            raise ValueError(f"Token counts must be at least 1; got {count}.")
+    sums_mask = (1 << (capacity + 1)) - 1
+    # reachable[k] has bit s set when k of the images seen so far sum to s tokens.
+    reachable = [1] + [0] * max_images
+    history = [reachable]
+    for count in counts:
+        extended = list(reachable)
+        for k in range(1, max_images + 1):
+            extended[k] |= (reachable[k - 1] << count) & sums_mask
+        reachable = extended
+        history.append(reachable)
+
+    best_k, best_sum = 0, 0
+    for k in range(1, max_images + 1):
+        total = reachable[k].bit_length() - 1
+        if total > best_sum:
+            best_k, best_sum = k, total
+
+    # Walk back from the last image, leaving an image out whenever the remaining sum is
+    # reachable without it, so the lowest indices are kept.
+    chosen = []
+    k, total = best_k, best_sum
+    for index in range(len(counts), 0, -1):
+        if k == 0:
+            break
+        if (history[index - 1][k] >> total) & 1:
+            continue
+        chosen.append(index - 1)
+        total -= counts[index - 1]
+        k -= 1
+    return chosen[::-1]
+
+
 def build_packed_batch(
     packed_rows: Sequence[Sequence[tuple[dict[str, np.ndarray], np.ndarray]]],
     rows: int,
@@ -158,24 +215,51 @@ def build_packed_batch(
 
 
 class Packer:
-    """Pack examples into batches of ``rows`` rows by first fit, streaming.
+    """Pack examples into batches of ``rows`` rows, streaming.
 
-    The packer keeps one batch open. ``add`` places an image in the first open row that
-    has room for it, or opens a new row. It returns the open batch, and starts a new one
-    with the image, when the image fits no row and all ``rows`` rows are open. It also
-    returns the batch as soon as every row is full, meaning that the row contains
-    ``max_images_per_row`` images or exactly ``pack_length`` tokens. ``flush`` returns the
-    last, partly filled batch, whose missing rows and slots have weight 0, so evaluation
-    counts every real example exactly once.
+    With ``lookahead=0`` (the default) the packer places each image by first fit and keeps
+    one batch open. ``add`` places an image in the first open row that has room for it,
+    or opens a new row. It returns the open batch, and starts a new one with the image,
+    when the image fits no row and all ``rows`` rows are open. It also returns the batch
+    as soon as every row is full, meaning that the row contains ``max_images_per_row``
+    images or exactly ``pack_length`` tokens.
+
+    With ``lookahead=N`` the packer holds up to N images. When N images are pending,
+    ``add`` packs one batch from them and returns it. Each row starts with the oldest
+    pending image, and ``best_fill`` adds the pending images that leave the least padding
+    in that row. The rest stay pending for later batches. Because every batch takes the
+    ``rows`` oldest pending images, an image waits for at most ``ceil(N / rows)`` batches.
+    N must be at least ``rows * max_images_per_row``, the slots of one batch, so a batch
+    can fill all of them.
+
+    ``flush`` returns the remaining images in batches whose missing rows and slots have
+    weight 0: one batch with ``lookahead=0``, as many as needed otherwise. Every image
+    added is placed in exactly one batch, so evaluation counts every real example once.
     """
 
-    def __init__(self, rows: int, pack_length: int, max_images_per_row: int):
+    def __init__(
+        self, rows: int, pack_length: int, max_images_per_row: int, *, lookahead: int = 0
+    ):
         _validate_layout(rows, pack_length, max_images_per_row)
+        if lookahead < 0:
+            raise ValueError(f"lookahead={lookahead} is invalid; give 0 or more images.")
+        if 0 < lookahead < rows * max_images_per_row:
+            raise ValueError(
+                f"lookahead={lookahead} is less than the {rows * max_images_per_row} image "
+                f"slots of a batch (rows={rows} * max_images_per_row={max_images_per_row}). "
+                "Give 0 for first fit, or at least one batch of slots; a few batches leave "
+                "less padding."
+            )
         self.rows = rows
         self.pack_length = pack_length
         self.max_images_per_row = max_images_per_row
+        self.lookahead = lookahead
         self._open: list[list[tuple[dict[str, np.ndarray], np.ndarray]]] = []
         self._used: list[int] = []
+        # Pending images for lookahead packing, oldest first: (example, flat_mask, tokens).
+        self._pending: collections.deque[tuple[dict[str, np.ndarray], np.ndarray, int]] = (
+            collections.deque()
+        )
 
     def add(self, example: dict[str, np.ndarray], flat_mask: np.ndarray) -> dict | None:
         """Place one image; return a packed batch when one is complete, else None.
@@ -185,6 +269,12 @@ class Packer:
         flat_mask = np.asarray(flat_mask, bool)
         num_tokens = int(flat_mask.sum())
         check_fits(num_tokens, self.pack_length)
+        if self.lookahead:
+            self._pending.append((example, flat_mask, num_tokens))
+            if len(self._pending) >= self.lookahead:
+                return self._pack_pending()
+            return None
+
         row = _first_fitting_row(
             self._used, [len(r) for r in self._open], num_tokens, self.pack_length,
             self.max_images_per_row,
@@ -204,9 +294,33 @@ class Packer:
         return None
 
     def flush(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yield the open batch, if any, padded with weight-0 rows and slots."""
+        """Yield the remaining images in batches padded with weight-0 rows and slots."""
+        while self._pending:
+            yield self._pack_pending()
         if self._open:
             yield self._take_batch()
+
+    def _pack_pending(self) -> dict[str, np.ndarray]:
+        """Pack one batch from the pending images, each row filled by ``best_fill``."""
+        packed_rows = []
+        while self._pending and len(packed_rows) < self.rows:
+            oldest, oldest_mask, oldest_tokens = self._pending.popleft()
+            candidates = list(self._pending)
+            chosen = best_fill(
+                [tokens for _, _, tokens in candidates],
+                self.pack_length - oldest_tokens,
+                self.max_images_per_row - 1,
+            )
+            row = [(oldest, oldest_mask)]
+            row.extend((candidates[i][0], candidates[i][1]) for i in chosen)
+            packed_rows.append(row)
+            chosen_set = set(chosen)
+            self._pending = collections.deque(
+                item for i, item in enumerate(candidates) if i not in chosen_set
+            )
+        return build_packed_batch(
+            packed_rows, self.rows, self.pack_length, self.max_images_per_row
+        )
 
     def _open_row(self, example: dict[str, np.ndarray], flat_mask: np.ndarray, num_tokens: int) -> None:
         self._open.append([(example, flat_mask)])

@@ -125,3 +125,40 @@ def test_corrupt_image_named_in_error(tmp_path):
     pipeline = InputPipeline(_config(dataset=f"imagefolder:{root}"))
     with pytest.raises(ValueError, match="broken.jpg"):
         list(pipeline.eval_batches())
+
+
+def test_sixteen_bit_and_small_images(tmp_path):
+    import tensorflow as tf
+
+    root = tmp_path / "images"
+    gradient = (np.arange(40 * 40).reshape(40, 40, 1) * 40).astype(np.uint16)
+    for split in ("train", "test"):
+        folder = root / split / "a"
+        folder.mkdir(parents=True)
+        tf.io.write_file(str(folder / "deep.png"), tf.io.encode_png(tf.constant(gradient)))
+        # Smaller than the largest patch and not square: resized up to cover 16x16.
+        tf.io.write_file(str(folder / "tiny.png"), tf.io.encode_png(tf.fill((6, 10, 3), tf.constant(200, tf.uint8))))
+    pipeline = InputPipeline(_config(dataset=f"imagefolder:{root}"))
+    images = np.concatenate([b["image"][b["weight"] > 0] for b in pipeline.eval_batches()])
+    assert images.shape == (2, 16, 16, 3)
+    brightest = max(int(img.max()) for img in images)
+    # 16-bit values are scaled to 8 bits (65535 -> 255), not clipped or wrapped.
+    assert 200 <= brightest <= 255
+    assert any((img == 200).all() for img in images)
+
+
+@pytest.mark.parametrize("rule,expected", [("crop", (16, 16)), ("pad", (32, 32))])
+def test_fit_image_size_rules(rule, expected):
+    config = _config(dataset="digits", image_size=(24, 24), fit_image_size=rule)
+    pipeline = InputPipeline(config)
+    batch = next(iter(pipeline.eval_batches()))
+    assert batch["image"].shape[1:3] == expected
+    if rule == "pad":
+        assert (batch["image"][:, 24:, :, :] == 0).all()
+
+
+def test_fit_image_size_reject_names_sizes():
+    from adaptive_jax.config import validate_config
+
+    with pytest.raises(ValueError, match="use an image size of 16 or 32"):
+        validate_config(_config(dataset="digits", image_size=(24, 24)))

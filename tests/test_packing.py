@@ -1,3 +1,6 @@
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +210,145 @@ def test_invalid_layout_rejected():
         packing.Packer(rows=2, pack_length=8, max_images_per_row=0)
     with pytest.raises(ValueError, match="rows=0"):
         packing.Packer(rows=0, pack_length=8, max_images_per_row=2)
+
+
+def _brute_force_fill(counts, capacity, max_images):
+    """Return best_fill's expected subset by trying every subset."""
+    best = ()
+    best_key = (0, 0, ())
+    for size in range(1, max_images + 1):
+        for subset in itertools.combinations(range(len(counts)), size):
+            total = sum(counts[i] for i in subset)
+            if total > capacity:
+                continue
+            # Largest sum, then fewest images, then the lowest indices from the highest down.
+            key = (total, -size, tuple(-i for i in reversed(subset)))
+            if key > best_key:
+                best, best_key = subset, key
+    return list(best)
+
+
+def test_best_fill_hand_example():
+    assert packing.best_fill([5, 3, 4, 2, 6], 8, 2) == [0, 1]
+    assert packing.best_fill([8, 1, 7], 8, 3) == [0]
+    assert packing.best_fill([1, 7], 8, 3) == [0, 1]
+    assert packing.best_fill([3], 2, 1) == []
+    assert packing.best_fill([2, 2], 8, 0) == []
+    assert packing.best_fill([], 8, 2) == []
+
+
+def test_best_fill_matches_brute_force():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        counts = rng.integers(1, 12, size=int(rng.integers(0, 9))).tolist()
+        capacity = int(rng.integers(0, 30))
+        max_images = int(rng.integers(0, 5))
+        chosen = packing.best_fill(counts, capacity, max_images)
+        expected = _brute_force_fill(counts, capacity, max_images)
+        assert chosen == expected, (counts, capacity, max_images)
+
+
+def test_best_fill_rejects_bad_counts():
+    with pytest.raises(ValueError, match="at least 1; got 0"):
+        packing.best_fill([3, 0], 8, 2)
+    with pytest.raises(ValueError, match="capacity=-1"):
+        packing.best_fill([3], -1, 2)
+
+
+def _pack_with_lookahead(counts, rows, pack_length, max_images, lookahead):
+    """Pack one image per count; return (batches from add, batches from flush, adds seen)."""
+    packer = packing.Packer(rows, pack_length, max_images, lookahead=lookahead)
+    added, flushed, batches_before_add = [], [], []
+    for i, count in enumerate(counts):
+        batches_before_add.append(len(added))
+        batch = packer.add(_example(np.full((2, 2, 3), i, np.float32), i), _flat_mask(int(count)))
+        if batch is not None:
+            added.append(batch)
+    flushed.extend(packer.flush())
+    assert list(packer.flush()) == []
+    return added, flushed, batches_before_add
+
+
+def test_lookahead_hand_example():
+    packer = packing.Packer(rows=1, pack_length=10, max_images_per_row=3, lookahead=3)
+    assert packer.add(_example(np.zeros((2, 2, 3)), 0), _flat_mask(6)) is None
+    assert packer.add(_example(np.zeros((2, 2, 3)), 1), _flat_mask(5)) is None
+    batch = packer.add(_example(np.zeros((2, 2, 3)), 2), _flat_mask(4))
+
+    assert batch is not None, "lookahead=3 packs a batch once three images are pending"
+    # The oldest image (6 tokens) starts the row, and the 4-token image fills it exactly.
+    np.testing.assert_array_equal(batch["label"], [[0, 2, 0]])
+    np.testing.assert_array_equal(batch["weight"], [[1, 1, 0]])
+    np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 6 + [2] * 4)
+    rest = list(packer.flush())
+    assert len(rest) == 1
+    np.testing.assert_array_equal(rest[0]["label"], [[1, 0, 0]])
+    np.testing.assert_array_equal(rest[0]["weight"], [[1, 0, 0]])
+
+
+def test_lookahead_places_every_image_once():
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 21, size=157)
+    rows, pack_length, max_images, lookahead = 3, 32, 4, 30
+    added, flushed, batches_before_add = _pack_with_lookahead(
+        counts, rows, pack_length, max_images, lookahead
+    )
+
+    batch_of = {}
+    for index, batch in enumerate(added + flushed):
+        assert batch["image"].shape == (rows * max_images, 2, 2, 3)
+        assert batch["segment_ids"].shape == (rows, pack_length)
+        assert batch["label"].shape == (rows, max_images)
+        for r in range(rows):
+            segments = batch["segment_ids"][r]
+            real = int((segments > 0).sum())
+            # Segments are contiguous from the start of the row, in slot order.
+            np.testing.assert_array_equal(segments[:real], np.sort(segments[:real]))
+            assert not segments[real:].any()
+            for e in np.flatnonzero(batch["weight"][r]):
+                label = int(batch["label"][r, e])
+                assert label not in batch_of, f"image {label} placed twice"
+                batch_of[label] = index
+                assert (segments == e + 1).sum() == counts[label]
+                assert (batch["image"][r * max_images + e] == label).all()
+    assert sorted(batch_of) == list(range(len(counts)))
+    assert len(added) > 3
+
+    # Each batch takes the rows oldest pending images, which bounds the wait.
+    max_wait = math.ceil(lookahead / rows)
+    for label in range(len(counts)):
+        if batch_of[label] < len(added):
+            assert batch_of[label] - batches_before_add[label] < max_wait, label
+
+
+def test_lookahead_leaves_less_padding_than_first_fit():
+    rng = np.random.default_rng(5)
+    counts = rng.integers(2, 20, size=600)
+    rows, pack_length, max_images = 4, 40, 4
+
+    def padding(lookahead):
+        added, _, _ = _pack_with_lookahead(counts, rows, pack_length, max_images, lookahead)
+        return float(np.mean([packing.padding_fraction(batch) for batch in added]))
+
+    first_fit = padding(0)
+    lookahead = padding(4 * rows * max_images)
+    assert first_fit > 0.1
+    assert lookahead < 0.03
+    assert lookahead < first_fit / 4
+
+
+def test_lookahead_flush_yields_every_pending_batch():
+    added, flushed, _ = _pack_with_lookahead([3, 2, 4], 1, 4, 1, lookahead=5)
+    assert added == []
+    assert len(flushed) == 3
+    assert [int(batch["label"][0, 0]) for batch in flushed] == [0, 1, 2]
+
+
+def test_lookahead_too_small_rejected():
+    with pytest.raises(ValueError, match="lookahead=3 is less than the 4 image slots"):
+        packing.Packer(rows=2, pack_length=8, max_images_per_row=2, lookahead=3)
+    with pytest.raises(ValueError, match="lookahead=-1"):
+        packing.Packer(rows=2, pack_length=8, max_images_per_row=2, lookahead=-1)
 
 
 def test_padding_fraction_packed_and_bucketed():
