@@ -27,10 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.eval_split = "test"
     c.image_size = (32, 32)  # (height, width) the model sees, in pixels
-    # When the largest patch size does not divide image_size: 'reject' raises an error
-    # naming the nearest valid sizes; 'crop' and 'pad' round image_size down or up to a
-    # multiple, center-cropping the resized image or padding it with zeros at the bottom
-    # and right.
+    # When the largest patch size does not divide image_size, 'reject' raises an error
+    # naming the nearest valid sizes. 'crop' rounds image_size down to a multiple and
+    # center-crops; 'pad' rounds it up and pads with zeros at the bottom and right.
     c.fit_image_size = "reject"
     c.augment = True  # random crop (4-px reflected border) and horizontal flip in training
     c.cache = True  # keep decoded images in memory; turn off for datasets larger than RAM
@@ -161,10 +160,7 @@ def _check_thresholds(name: str, thresholds, patch_sizes) -> None:
         )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the bad value and its fix for an inconsistent config."""
-    image_size = model_image_size(config)
-    selection.validate_patch_sizes(config.patch_sizes, image_size)
+def _validate_selection(config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> None:
     sel = config.selection
     if sel.scorer not in scoring.SCORERS + ("learned",):
         raise ValueError(
@@ -178,6 +174,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "selection.scorer='learned' runs on the device and needs a static token count; "
             "set selection.mode='budget' and selection.budget."
         )
+
     _check_thresholds("selection.thresholds", sel.thresholds, config.patch_sizes)
     if config.eval_selection.thresholds is not None:
         _check_thresholds("eval_selection.thresholds", config.eval_selection.thresholds, config.patch_sizes)
@@ -185,6 +182,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         selection.validate_budget(sel.budget, image_size, config.patch_sizes)
         if config.eval_selection.budget is not None:
             selection.validate_budget(config.eval_selection.budget, image_size, config.patch_sizes)
+
+
+def _validate_sequence(config: ml_collections.ConfigDict) -> None:
     if config.sequence.mode not in SEQUENCE_MODES:
         raise ValueError(
             f"sequence.mode={config.sequence.mode!r} is unknown; choose one of {SEQUENCE_MODES}."
@@ -197,6 +197,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                     f"{key}={config[key]} is not divisible by sequence.max_images_per_row="
                     f"{per_row}; in pack mode a batch has {key} // max_images_per_row rows."
                 )
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
     if config.model.embed_mode not in EMBED_MODES:
         raise ValueError(
             f"model.embed_mode={config.model.embed_mode!r} is unknown; choose one of {EMBED_MODES}."
@@ -208,6 +211,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"model.hidden_size={config.model.hidden_size} is not divisible by "
             f"model.num_heads={config.model.num_heads}."
         )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the bad value and its fix for an inconsistent config."""
+    image_size = model_image_size(config)
+    selection.validate_patch_sizes(config.patch_sizes, image_size)
+    _validate_selection(config, image_size)
+    _validate_sequence(config)
+    _validate_model(config)
     for key in ("batch_size", "eval_batch_size", "total_steps"):
         if config[key] < 1:
             raise ValueError(f"{key}={config[key]} must be at least 1.")
