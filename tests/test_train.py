@@ -227,3 +227,34 @@ def test_compilations_bounded_by_config(tmp_path, mode):
     limit = 1 if mode == "pack" else buckets
     assert 1 <= counts["train_step"] <= limit
     assert 1 <= counts["eval_step"] <= limit
+
+
+def test_sigterm_saves_and_rerun_resumes(tmp_path):
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "adaptive_jax.main", "--config=configs/quickstart.py",
+               f"--workdir={workdir}", "--config.total_steps=100000", "--config.log_every=1",
+               "--config.checkpoint_every=0", "--config.eval_every=0"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+    assert saved, "no checkpoint after SIGTERM"
+    stopped_at = saved[-1]
+    assert stopped_at >= 3
+    # The rerun starts after the saved step and evaluates at its new end.
+    rerun = subprocess.run(command[:5] + [f"--config.total_steps={stopped_at + 2}", "--config.log_every=1"],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"Resumed from the checkpoint at step {stopped_at}" in rerun.stderr
+    steps = [l["step"] for l in _lines(str(workdir)) if "train_loss" in l]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]

@@ -1,0 +1,578 @@
+"""Training throughput with bucketed against packed sequences, on real images.
+
+For each image source and each sequence mode, the benchmark scores and tiles real images
+on the host CPU with ``HostSelector``, as the input pipeline does, arranges the tilings
+into batches and times jitted train steps (``train.train_step``, state donated) of an
+adaptive ViT:
+
+  bucket: ``sequence.Bucketer`` with ``sequence.default_buckets(coarsest, uniform, 4)``.
+          Each image is padded to the smallest bucket that holds it, and a batch holds
+          ``--batch-size`` images of one bucket. One program compiles per bucket.
+  pack:   ``packing.Packer`` with a lookahead. Rows hold ``pack_length`` tokens and at
+          most ``max_images_per_row`` images, and a batch has
+          ``batch_size // max_images_per_row`` rows, so it has as many image slots as a
+          bucketed batch. One program compiles.
+
+Sources (``SOURCES``):
+
+  cifar10:          DIR/train/<class>/<image> at 32x32, patch sizes 4, 8 and 16, 64-bin
+                    entropy, thresholds (4.0, 4.4) and the encoder of configs/cifar10.py
+                    (hidden 128, depth 4, 4 heads, MLP 256).
+  imagenet-samples: a flat folder of photos, shorter side resized to 384 px and center
+                    cropped, patch sizes 16, 32 and 64, 512-bin entropy, thresholds
+                    (5.75, 4.0), encoder hidden 192, depth 4, 3 heads, MLP 384.
+
+Pack settings. On 4000 random CIFAR-10 training images the cifar10 rule gives 38.1
+tokens per image on average (4 to 64), and on the 500 photos of imagenet-samples the
+384-px rule gives 463 (144 to 576). Both sources use 4 images per row, with
+``pack_length`` 148 for cifar10 and 1728 (3 times 576) for imagenet-samples, just below
+4 times the mean. Rows are then limited by tokens rather than by image slots. Where
+``pack_length`` exceeds ``max_images_per_row`` times the mean, full rows hold fewer
+tokens than ``pack_length`` on average, so padding stays above ``1 - 4 * mean /
+pack_length`` in a long run (4.7 % for 160 tokens on cifar10). With these settings and
+a lookahead of 4 batches, ``packing.Packer`` left 0.2 % and 0.9 % padding in steady state
+in a host-only replay of those token counts.
+
+Packed rows use dense attention with a block-diagonal mask, so a row costs attention
+FLOPs quadratic in ``pack_length`` even where its images are short. Bucketing instead
+pays for the padding up to each bucket. The images per second show which costs more.
+
+Timing. Both arrangers first emit ``--burn-in-batches`` batches that are not trained,
+so that their pending images resemble those of a long run: in the first batches a
+packer with lookahead, or a bucketer, picks images whose mean token count differs from
+the stream's by a few percent. All batches are then built and copied to the device
+before timing. Warm-up runs one step on the first batch of each distinct shape, so the
+timed steps compile nothing. ``images_per_sec`` divides the real images of the timed
+steps by their wall time. Parameters start from a random initialisation, and labels of
+a flat folder are file indices, since the timed computation depends on neither.
+
+Example:
+
+  python -m experiments.sequence_modes --cifar10 /data/cifar10 \\
+      --imagenet-samples /data/imagenet-samples --steps 20 --out sequence_modes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import pathlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adaptive_jax import config as config_lib
+from adaptive_jax import packing, profiling, selection, sequence, train
+from adaptive_jax.data.pipeline import HostSelector
+from experiments.throughput import describe_machine, find_images, load_image
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+MODES = ("bucket", "pack")
+NUM_BUCKETS = 4
+# Head size for a flat folder, whose labels are file indices modulo this count.
+FLAT_NUM_CLASSES = 1000
+RESULT_KEYS = (
+    "padding_fraction",
+    "compiled_programs",
+    "images_per_sec",
+    "tokens_per_image",
+    "steps",
+    "settings",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Tiling rule, encoder and packed layout of one image source."""
+
+    name: str
+    # "classes" for ROOT/train/<class>/<image>, "flat" for a folder of photos.
+    layout: str
+    resolution: int
+    patch_sizes: tuple[int, ...]
+    bins: int
+    thresholds: tuple[float, ...]
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    # Tokens per packed row, see the module doc.
+    pack_length: int
+    max_images_per_row: int
+    default_batch_size: int
+    # Images scored and tiled together by one HostSelector call.
+    selection_chunk: int
+
+    def grid_tokens(self) -> tuple[int, int]:
+        """Return the (all-smallest, all-largest) token counts of one image."""
+        size = (self.resolution, self.resolution)
+        grids = selection.grid_shapes(size, self.patch_sizes)
+        return grids[0][0] * grids[0][1], grids[-1][0] * grids[-1][1]
+
+
+SOURCES = {
+    "cifar10": SourceSpec(
+        name="cifar10", layout="classes", resolution=32, patch_sizes=(4, 8, 16), bins=64,
+        thresholds=(4.0, 4.4), hidden_size=128, depth=4, num_heads=4, mlp_dim=256,
+        pack_length=148, max_images_per_row=4, default_batch_size=128,
+        selection_chunk=256,
+    ),
+    "imagenet-samples": SourceSpec(
+        name="imagenet-samples", layout="flat", resolution=384, patch_sizes=(16, 32, 64),
+        bins=512, thresholds=(5.75, 4.0), hidden_size=192, depth=4, num_heads=3,
+        mlp_dim=384, pack_length=1728, max_images_per_row=4, default_batch_size=16,
+        selection_chunk=32,
+    ),
+}
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of integers such as '32,1,2,64'."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, for example '32,1,2,64'."
+        ) from error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of the benchmark."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.sequence_modes",
+        description=(
+            "Time jitted train steps of an adaptive ViT on bucketed and on packed batches "
+            "of real images, and report padding, compiled programs and images per second."
+        ),
+    )
+    parser.add_argument(
+        "--cifar10", type=pathlib.Path, default=None,
+        help="CIFAR-10 image folder with train/<class>/<image> (32x32 JPEG or PNG files)",
+    )
+    parser.add_argument(
+        "--imagenet-samples", type=pathlib.Path, default=None,
+        help="flat folder of JPEG or PNG photos, read recursively",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20,
+        help="timed train steps per source and mode, after the warm-up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None,
+        help="images per bucketed batch for every source. Packed batches get batch_size // "
+        "max_images_per_row rows (default: 128 for cifar10, 16 for imagenet-samples)",
+    )
+    parser.add_argument(
+        "--lookahead-batches", type=int, default=4,
+        help="pending images the packer chooses rows from, in batches of image slots. 0 "
+        "places images by first fit as they arrive (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--burn-in-batches", type=int, default=20,
+        help="batches that each arranger emits before the ones trained, left untrained "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="image order and parameter seed (default: 0)",
+    )
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None,
+        help="write the JSON result to this file (default: print it to stdout)",
+    )
+    # Encoder sizes HIDDEN,DEPTH,HEADS,MLP that replace every source's, for fast tests.
+    parser.add_argument("--encoder-sizes", type=parse_int_list, default=None,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first invalid flag."""
+    if args.cifar10 is None and args.imagenet_samples is None:
+        raise ValueError("No source given. Pass --cifar10 DIR, --imagenet-samples DIR or both.")
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps} is invalid. Give at least 1.")
+    for flag, value in (("--lookahead-batches", args.lookahead_batches),
+                        ("--burn-in-batches", args.burn_in_batches)):
+        if value < 0:
+            raise ValueError(f"{flag} {value} is invalid. Give 0 or more.")
+    if args.batch_size is not None:
+        slots = max(spec.max_images_per_row for spec in SOURCES.values())
+        if args.batch_size < slots:
+            raise ValueError(
+                f"--batch-size {args.batch_size} is less than the {slots} images of one "
+                f"packed row. Give at least {slots}."
+            )
+    if args.encoder_sizes is not None:
+        if len(args.encoder_sizes) != 4:
+            raise ValueError("--encoder-sizes takes four integers: HIDDEN,DEPTH,HEADS,MLP.")
+        hidden, _, heads, _ = args.encoder_sizes
+        if heads < 1 or hidden % heads:
+            raise ValueError(f"Hidden size {hidden} is not divisible by {heads} attention heads.")
+
+
+def list_images(spec: SourceSpec, root: pathlib.Path) -> tuple[list[pathlib.Path], np.ndarray, int]:
+    """Return the image paths of a source, their int32 labels and the number of classes."""
+    if spec.layout == "flat":
+        paths = find_images(root)
+        labels = np.arange(len(paths), dtype=np.int32) % FLAT_NUM_CLASSES
+        return paths, labels, FLAT_NUM_CLASSES
+
+    train_dir = root / "train"
+    class_dirs = sorted(path for path in train_dir.iterdir() if path.is_dir()) if train_dir.is_dir() else []
+    if not class_dirs:
+        raise ValueError(
+            f"--{spec.name} {root} has no class folders under train/. Expected "
+            f"{root}/train/<class>/<image>."
+        )
+    paths: list[pathlib.Path] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        class_paths = find_images(class_dir)
+        paths.extend(class_paths)
+        labels.extend([label] * len(class_paths))
+    return paths, np.asarray(labels, np.int32), len(class_dirs)
+
+
+class ImageStream:
+    """Decoded images of one source in a seeded random order, reshuffled every pass.
+
+    Images are decoded on first use and kept in memory, so every mode of a source reads
+    the same images in the same order and decodes them once.
+    """
+
+    def __init__(self, paths: Sequence[pathlib.Path], labels: np.ndarray, resolution: int,
+                 seed: int):
+        self.paths = list(paths)
+        self.labels = labels
+        self.resolution = resolution
+        self.seed = seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _order(self) -> Iterator[int]:
+        rng = np.random.default_rng(self.seed)
+        while True:
+            yield from rng.permutation(len(self.paths)).tolist()
+
+    def _image(self, index: int) -> np.ndarray:
+        if index not in self._cache:
+            self._cache[index] = load_image(self.paths[index], self.resolution)
+        return self._cache[index]
+
+    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (images (size, r, r, 3) uint8, labels (size,) int32) forever, from the start."""
+        order = self._order()
+        while True:
+            indices = [next(order) for _ in range(size)]
+            images = np.stack([self._image(index) for index in indices])
+            yield images, self.labels[indices]
+
+
+def make_config(spec: SourceSpec, args: argparse.Namespace,
+                total_steps: int) -> ml_collections.ConfigDict:
+    """Return the config that ``HostSelector``, ``create_model`` and ``create_optimizer`` read."""
+    config = config_lib.default_config()
+    config.image_size = (spec.resolution, spec.resolution)
+    config.patch_sizes = spec.patch_sizes
+    config.selection.scorer = "entropy"
+    config.selection.mode = "threshold"
+    config.selection.bins = spec.bins
+    config.selection.thresholds = spec.thresholds
+    hidden, depth, heads, mlp = args.encoder_sizes or (
+        spec.hidden_size, spec.depth, spec.num_heads, spec.mlp_dim
+    )
+    config.model.hidden_size = hidden
+    config.model.depth = depth
+    config.model.num_heads = heads
+    config.model.mlp_dim = mlp
+    config.total_steps = total_steps
+    return config
+
+
+def make_arranger(
+    mode: str, spec: SourceSpec, batch_size: int, lookahead_batches: int
+) -> tuple[sequence.Bucketer | packing.Packer, dict[str, Any]]:
+    """Return a fresh Bucketer or Packer for ``mode`` and the layout settings it uses."""
+    uniform, coarsest = spec.grid_tokens()
+    if mode == "bucket":
+        buckets = sequence.default_buckets(coarsest, uniform, NUM_BUCKETS)
+        return sequence.Bucketer(buckets, batch_size), {"buckets": list(buckets)}
+    per_row = spec.max_images_per_row
+    rows = batch_size // per_row
+    pack_length = spec.pack_length
+    lookahead = lookahead_batches * rows * per_row
+    packer = packing.Packer(rows, pack_length, per_row, lookahead=lookahead)
+    return packer, {
+        "pack_length": pack_length,
+        "max_images_per_row": per_row,
+        "rows": rows,
+        "image_slots": rows * per_row,
+        "lookahead_images": lookahead,
+        "packer": "best fill with lookahead" if lookahead else "first fit",
+    }
+
+
+def arrange_batches(
+    stream: ImageStream, selector: HostSelector, arranger: sequence.Bucketer | packing.Packer,
+    num_batches: int, chunk: int,
+) -> tuple[list[Batch], float]:
+    """Tile streamed images and arrange them until ``num_batches`` batches are complete.
+
+    Returns the batches and the seconds spent in the arranger's ``add`` calls. Unfinished
+    batches are left unflushed, as in training.
+    """
+    batches: list[Batch] = []
+    arrange_seconds = 0.0
+    for images, labels in stream.chunks(chunk):
+        flat_masks = selector(images)
+        for image, label, flat_mask in zip(images, labels, flat_masks):
+            start = time.perf_counter()
+            batch = arranger.add(
+                {"image": image, "label": label, "weight": np.float32(1.0)}, flat_mask
+            )
+            arrange_seconds += time.perf_counter() - start
+            if batch is None:
+                continue
+            batches.append(batch)
+            if len(batches) == num_batches:
+                return batches, arrange_seconds
+    raise AssertionError("ImageStream.chunks never ends")
+
+
+def batch_shape(batch: Batch) -> tuple:
+    """Return the (key, shape, dtype) signature that decides which program a batch runs."""
+    return tuple(sorted((key, value.shape, str(value.dtype)) for key, value in batch.items()))
+
+
+def warmup_batches(batches: Sequence[Batch]) -> list[Batch]:
+    """Return the first batch of each distinct shape, in order of first appearance."""
+    seen: dict[tuple, Batch] = {}
+    for batch in batches:
+        seen.setdefault(batch_shape(batch), batch)
+    return list(seen.values())
+
+
+def count_tokens(batches: Sequence[Batch]) -> tuple[int, int, int]:
+    """Return (real tokens, all token positions, real images) over ``batches``.
+
+    A real token belongs to an image of weight above 0, so flush fillers and empty
+    packed slots count as padding, as in ``packing.padding_fraction``.
+    """
+    real_tokens = 0
+    positions = 0
+    real_images = 0
+    for batch in batches:
+        size = batch["patch_index"].size
+        real_tokens += round((1.0 - packing.padding_fraction(batch)) * size)
+        positions += size
+        real_images += int((batch["weight"] > 0).sum())
+    return real_tokens, positions, real_images
+
+
+def init_state(model: Any, tx: Any, config: ml_collections.ConfigDict, seed: int) -> train.TrainState:
+    """Return a freshly initialised train state, as ``train.train_and_evaluate`` builds it."""
+    h, w = config_lib.model_image_size(config)
+
+    def init(rng: jax.Array) -> train.TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        params = model.init(init_rng, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params), rng=state_rng)
+
+    # One compiled program instead of one per operation of an eager initialisation.
+    return jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def run_steps(
+    train_fn: Any, state: train.TrainState, warmup: Sequence[dict[str, jax.Array]],
+    timed: Sequence[dict[str, jax.Array]],
+) -> tuple[float, collections.Counter, collections.Counter, float]:
+    """Run the warm-up steps, then time the timed steps.
+
+    Returns the timed seconds, the XLA compilations by function name over the whole run
+    and during the timed steps, and the loss of the last step.
+    """
+    with profiling.count_compilations() as compiles:
+        metrics = None
+        for batch in warmup:
+            state, metrics = train_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+        before_timing = collections.Counter(compiles)
+
+        start = time.perf_counter()
+        for batch in timed:
+            state, metrics = train_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+        seconds = time.perf_counter() - start
+    timed_compiles = collections.Counter(compiles)
+    timed_compiles.subtract(before_timing)
+    timed_compiles = +timed_compiles  # drop names that did not compile while timed
+    return seconds, collections.Counter(compiles), timed_compiles, float(metrics["train_loss"])
+
+
+def run_case(
+    args: argparse.Namespace, spec: SourceSpec, mode: str, root: pathlib.Path,
+    stream: ImageStream, selector: HostSelector, num_classes: int,
+) -> dict[str, Any]:
+    """Arrange, warm up and time one (source, mode) pair and return its result."""
+    batch_size = args.batch_size or spec.default_batch_size
+    arranger, layout = make_arranger(mode, spec, batch_size, args.lookahead_batches)
+    num_batches = args.burn_in_batches + args.steps
+    batches, arrange_seconds = arrange_batches(
+        stream, selector, arranger, num_batches, spec.selection_chunk
+    )
+    timed_batches = batches[args.burn_in_batches:]
+    warmup = warmup_batches(timed_batches)
+    logger.info("%s %s: %d warm-up and %d timed steps", spec.name, mode, len(warmup),
+                len(timed_batches))
+
+    config = make_config(spec, args, len(warmup) + len(timed_batches))
+    model = train.create_model(config, num_classes)
+    tx = train.create_optimizer(config)
+    state = init_state(model, tx, config, args.seed)
+    train_fn = jax.jit(
+        functools.partial(train.train_step, model=model, tx=tx, label_smoothing=0.0),
+        donate_argnums=(0,),
+    )
+    seconds, compiles, timed_compiles, loss = run_steps(
+        train_fn, state, jax.device_put(warmup), jax.device_put(timed_batches)
+    )
+    if timed_compiles:
+        logger.warning("%s %s compiled %s while timed, so its rate includes compilation.",
+                       spec.name, mode, dict(timed_compiles))
+
+    run_tokens, run_positions, run_images = count_tokens([*warmup, *timed_batches])
+    _, timed_positions, timed_images = count_tokens(timed_batches)
+    return {
+        # Over every step run, warm-up included.
+        "padding_fraction": 1.0 - run_tokens / run_positions,
+        "compiled_programs": compiles["train_step"],
+        "compilations_during_timing": dict(timed_compiles),
+        "images_per_sec": timed_images / seconds,
+        "tokens_per_image": run_tokens / run_images,
+        "steps": len(timed_batches),
+        "warmup_steps": len(warmup),
+        "timed_seconds": seconds,
+        "images_per_step": timed_images / len(timed_batches),
+        # Sequence positions the encoder runs per real image, padding included.
+        "token_positions_per_image": timed_positions / timed_images,
+        # Host time of the Bucketer or Packer alone, tiling excluded, burn-in included.
+        "arrange_ms_per_batch": 1000.0 * arrange_seconds / num_batches,
+        "final_train_loss": loss,
+        "settings": {
+            "images": str(root),
+            "num_source_images": len(stream.paths),
+            "num_classes": num_classes,
+            "image_size": [spec.resolution, spec.resolution],
+            "patch_sizes": list(spec.patch_sizes),
+            "scorer": "entropy",
+            "bins": spec.bins,
+            "thresholds": list(spec.thresholds),
+            "encoder": {"hidden_size": config.model.hidden_size, "depth": config.model.depth,
+                        "num_heads": config.model.num_heads, "mlp_dim": config.model.mlp_dim,
+                        "pool": config.model.pool, "embed_mode": config.model.embed_mode},
+            "sequence": mode,
+            **layout,
+            "batch_size": batch_size,
+            "burn_in_batches": args.burn_in_batches,
+            "selection_chunk": spec.selection_chunk,
+            "optimizer": f"train.create_optimizer: AdamW, peak learning rate "
+                         f"{config.learning_rate}, weight decay {config.weight_decay}",
+            "dtype": "float32",
+            "seed": args.seed,
+        },
+    }
+
+
+def run_source(
+    args: argparse.Namespace, spec: SourceSpec, root: pathlib.Path,
+    images: tuple[list[pathlib.Path], np.ndarray, int],
+) -> dict[str, Any]:
+    """Run every mode on one source and return the results by mode.
+
+    ``images`` is the (paths, labels, number of classes) that ``list_images`` returns.
+    """
+    paths, labels, num_classes = images
+    logger.info("%s: %d images at %d px", spec.name, len(paths), spec.resolution)
+    stream = ImageStream(paths, labels, spec.resolution, args.seed)
+    selector = HostSelector(make_config(spec, args, total_steps=2), seed=args.seed)
+    return {
+        mode: run_case(args, spec, mode, root, stream, selector, num_classes)
+        for mode in MODES
+    }
+
+
+def format_summary(results: dict[str, dict[str, Any]]) -> str:
+    """Return one human-readable line per (source, mode)."""
+    lines = []
+    for source, by_mode in results.items():
+        for mode, result in by_mode.items():
+            lines.append(
+                f"{source:17s} {mode:6s} {result['images_per_sec']:9.1f} img/s, "
+                f"{100 * result['padding_fraction']:5.1f}% padding, "
+                f"{result['tokens_per_image']:6.1f} tokens/image, "
+                f"{result['token_positions_per_image']:6.1f} positions/image, "
+                f"{result['compiled_programs']} programs, {result['steps']} steps"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark with command-line arguments ``argv`` and return the result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    roots = {
+        name: root for name, root in (
+            ("cifar10", args.cifar10), ("imagenet-samples", args.imagenet_samples),
+        ) if root is not None
+    }
+    images = {}
+    try:
+        validate_args(args)
+        for name, root in roots.items():
+            if not root.is_dir():
+                raise ValueError(f"--{name} {root} is not a folder.")
+            images[name] = list_images(SOURCES[name], root)
+    except ValueError as error:
+        parser.error(str(error))
+
+    results = {
+        name: run_source(args, SOURCES[name], root, images[name])
+        for name, root in roots.items()
+    }
+
+    output = {
+        "results": results,
+        "machine": describe_machine(),
+        "command": shlex.join([sys.executable, "-m", "experiments.sequence_modes", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(output, indent=2)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        logger.info("Wrote %s", args.out)
+    print(format_summary(results))
+    return output
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()
