@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sequence.num_buckets = 4
     c.sequence.pack_length = 0  # tokens per packed row; 0 means the all-smallest count
     c.sequence.max_images_per_row = 2
+    # Batches of images the packer keeps pending so that it can fill rows with little
+    # padding (0: plain first fit). An image waits at most about this many batches.
+    c.sequence.pack_lookahead_batches = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.hidden_size = 128

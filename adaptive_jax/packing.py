@@ -21,9 +21,9 @@ has static shapes given (R, L, E):
 The model returns logits (R, E, num_classes), so ``logits.reshape(-1, num_classes)``,
 ``label.reshape(-1)`` and ``weight.reshape(-1)`` line up with the stacked images.
 
-``Packer`` places images as they arrive by first fit, or, given a ``lookahead``, holds
-that many images and fills each row with the subset of them that leaves the least
-padding (``best_fill``).
+``Packer`` places images as they arrive by first fit. Given a ``lookahead``, it instead
+keeps that many images pending and fills each row with the subset of them that leaves the
+least padding (``best_fill``).
 """
 
 from __future__ import annotations
@@ -112,14 +112,17 @@ def best_fill(token_counts: Sequence[int], capacity: int, max_images: int) -> li
     """
     if capacity < 0 or max_images < 0:
         raise ValueError(
-            f"capacity={capacity} and max_images={max_images} must both be at least 0."
+            f"capacity={capacity} or max_images={max_images} is invalid; give values of at "
+            "least 0."
         )
     counts = [int(count) for count in token_counts]
     for count in counts:
         if count < 1:
-            raise ValueError(f"Token counts must be at least 1; got {count}.")
+            raise ValueError(
+                f"Token count {count} is invalid; every image has at least 1 token."
+            )
     sums_mask = (1 << (capacity + 1)) - 1
-    # reachable[k] has bit s set when k of the images seen so far sum to s tokens.
+    # Bit s of reachable[k] is set when some k of the images seen so far sum to s tokens.
     reachable = [1] + [0] * max_images
     history = [reachable]
     for count in counts:

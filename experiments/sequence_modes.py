@@ -1,12 +1,12 @@
 """Training throughput with bucketed against packed sequences, on real images.
 
 For each image source and each sequence mode, the benchmark scores and tiles real images
-on the host CPU with ``HostSelector``, as the input pipeline does, arranges the tilings
-into batches and times jitted train steps (``train.train_step``, state donated) of an
-adaptive ViT:
+on the host CPU with ``HostSelector``, as the input pipeline does. It arranges the
+tilings into batches and times jitted train steps (``train.train_step``, state donated)
+of an adaptive ViT:
 
   bucket: ``sequence.Bucketer`` with ``sequence.default_buckets(coarsest, uniform, 4)``.
-          Each image is padded to the smallest bucket that holds it, and a batch holds
+          Each image is padded to the smallest bucket that fits it, and a batch contains
           ``--batch-size`` images of one bucket. One program compiles per bucket.
   pack:   ``packing.Packer`` with a lookahead. Rows hold ``pack_length`` tokens and at
           most ``max_images_per_row`` images, and a batch has
@@ -26,30 +26,37 @@ Pack settings. On 4000 random CIFAR-10 training images the cifar10 rule gives 38
 tokens per image on average (4 to 64), and on the 500 photos of imagenet-samples the
 384-px rule gives 463 (144 to 576). Both sources use 4 images per row, with
 ``pack_length`` 148 for cifar10 and 1728 (3 times 576) for imagenet-samples, just below
-4 times the mean. Rows are then limited by tokens rather than by image slots. Where
-``pack_length`` exceeds ``max_images_per_row`` times the mean, full rows hold fewer
-tokens than ``pack_length`` on average, so padding stays above ``1 - 4 * mean /
-pack_length`` in a long run (4.7 % for 160 tokens on cifar10). With these settings and
-a lookahead of 4 batches, ``packing.Packer`` left 0.2 % and 0.9 % padding in steady state
-in a host-only replay of those token counts.
+4 times the mean, so rows are limited by tokens rather than by image slots. Where
+``pack_length`` exceeds ``max_images_per_row`` times the mean, rows of 4 images hold
+fewer tokens than ``pack_length`` on average, so a long run keeps at least
+``1 - 4 * mean / pack_length`` padding (4.7 % for 160 tokens on cifar10). In a host-only
+replay of those token counts, ``packing.Packer`` with these settings and a lookahead of
+4 batches left 0.2 % (cifar10) and 0.9 % (imagenet-samples) padding in steady state.
 
 Packed rows use dense attention with a block-diagonal mask, so a row costs attention
 FLOPs quadratic in ``pack_length`` even where its images are short. Bucketing instead
 pays for the padding up to each bucket. The images per second show which costs more.
 
 Timing. Both arrangers first emit ``--burn-in-batches`` batches that are not trained,
-so that their pending images resemble those of a long run: in the first batches a
-packer with lookahead, or a bucketer, picks images whose mean token count differs from
-the stream's by a few percent. All batches are then built and copied to the device
-before timing. Warm-up runs one step on the first batch of each distinct shape, so the
-timed steps compile nothing. ``images_per_sec`` divides the real images of the timed
-steps by their wall time. Parameters start from a random initialisation, and labels of
-a flat folder are file indices, since the timed computation depends on neither.
+so that their pending images resemble those of a long run. In the replay above, the
+first 40 packed cifar10 batches held images of 37.0 tokens on average against 38.1 in
+the stream. Rows of exactly 4 images and 148 tokens took the smaller images first, while
+the larger ones piled up among the pending images. From the 60th batch on, every window
+of 20 packed batches was within about 1 % of the stream, and every window of 20
+bucketed batches within 5 %.
+
+All batches are then built and copied to the device before timing. Warm-up runs one
+step on the first batch of each distinct shape, so the timed steps compile nothing. The
+modes of a source then take turns in blocks of ``TIMING_BLOCK_STEPS`` timed steps, so
+that other load on the machine affects them about equally. ``images_per_sec`` divides the real
+images of the timed steps by their wall time. Parameters start from a random
+initialisation, and labels of a flat folder are file indices, since the timed
+computation depends on neither.
 
 Example:
 
   python -m experiments.sequence_modes --cifar10 /data/cifar10 \\
-      --imagenet-samples /data/imagenet-samples --steps 20 --out sequence_modes.json
+      --imagenet-samples /data/imagenet-samples --out sequence_modes.json
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ Batch = dict[str, np.ndarray]
 
 MODES = ("bucket", "pack")
 NUM_BUCKETS = 4
+# Timed steps that one mode runs before the next mode takes its turn.
+TIMING_BLOCK_STEPS = 5
 # Head size for a flat folder, whose labels are file indices modulo this count.
 FLAT_NUM_CLASSES = 1000
 RESULT_KEYS = (
@@ -160,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
             "of real images, and report padding, compiled programs and images per second."
         ),
     )
+
     parser.add_argument(
         "--cifar10", type=pathlib.Path, default=None,
         help="CIFAR-10 image folder with train/<class>/<image> (32x32 JPEG or PNG files)",
@@ -168,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--imagenet-samples", type=pathlib.Path, default=None,
         help="flat folder of JPEG or PNG photos, read recursively",
     )
+
     parser.add_argument(
-        "--steps", type=int, default=20,
+        "--steps", type=int, default=30,
         help="timed train steps per source and mode, after the warm-up (default: %(default)s)",
     )
     parser.add_argument(
@@ -177,16 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per bucketed batch for every source. Packed batches get batch_size // "
         "max_images_per_row rows (default: 128 for cifar10, 16 for imagenet-samples)",
     )
+
     parser.add_argument(
         "--lookahead-batches", type=int, default=4,
         help="pending images the packer chooses rows from, in batches of image slots. 0 "
         "places images by first fit as they arrive (default: %(default)s)",
     )
     parser.add_argument(
-        "--burn-in-batches", type=int, default=20,
+        "--burn-in-batches", type=int, default=60,
         help="batches that each arranger emits before the ones trained, left untrained "
         "(default: %(default)s)",
     )
+
     parser.add_argument(
         "--seed", type=int, default=0, help="image order and parameter seed (default: 0)",
     )
@@ -194,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=pathlib.Path, default=None,
         help="write the JSON result to this file (default: print it to stdout)",
     )
+
     # Encoder sizes HIDDEN,DEPTH,HEADS,MLP that replace every source's, for fast tests.
     parser.add_argument("--encoder-sizes", type=parse_int_list, default=None,
                         help=argparse.SUPPRESS)
@@ -233,7 +247,9 @@ def list_images(spec: SourceSpec, root: pathlib.Path) -> tuple[list[pathlib.Path
         return paths, labels, FLAT_NUM_CLASSES
 
     train_dir = root / "train"
-    class_dirs = sorted(path for path in train_dir.iterdir() if path.is_dir()) if train_dir.is_dir() else []
+    class_dirs = []
+    if train_dir.is_dir():
+        class_dirs = sorted(path for path in train_dir.iterdir() if path.is_dir())
     if not class_dirs:
         raise ValueError(
             f"--{spec.name} {root} has no class folders under train/. Expected "
@@ -274,7 +290,10 @@ class ImageStream:
         return self._cache[index]
 
     def chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (images (size, r, r, 3) uint8, labels (size,) int32) forever, from the start."""
+        """Yield (images, labels) chunks of ``size`` forever, from the start of the order.
+
+        Images are uint8 (size, resolution, resolution, 3) and labels int32 (size,).
+        """
         order = self._order()
         while True:
             indices = [next(order) for _ in range(size)]
@@ -383,7 +402,9 @@ def count_tokens(batches: Sequence[Batch]) -> tuple[int, int, int]:
     return real_tokens, positions, real_images
 
 
-def init_state(model: Any, tx: Any, config: ml_collections.ConfigDict, seed: int) -> train.TrainState:
+def init_state(
+    model: Any, tx: Any, config: ml_collections.ConfigDict, seed: int
+) -> train.TrainState:
     """Return a freshly initialised train state, as ``train.train_and_evaluate`` builds it."""
     h, w = config_lib.model_image_size(config)
 
@@ -397,86 +418,147 @@ def init_state(model: Any, tx: Any, config: ml_collections.ConfigDict, seed: int
     return jax.jit(init)(jax.random.PRNGKey(seed))
 
 
-def run_steps(
-    train_fn: Any, state: train.TrainState, warmup: Sequence[dict[str, jax.Array]],
-    timed: Sequence[dict[str, jax.Array]],
-) -> tuple[float, collections.Counter, collections.Counter, float]:
-    """Run the warm-up steps, then time the timed steps.
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The model, optimizer and initial train state that every mode of a source starts from."""
 
-    Returns the timed seconds, the XLA compilations by function name over the whole run
-    and during the timed steps, and the loss of the last step.
+    config: ml_collections.ConfigDict
+    model: Any
+    tx: Any
+    initial_state: train.TrainState
+
+    @classmethod
+    def create(cls, spec: SourceSpec, args: argparse.Namespace, num_classes: int) -> Trainer:
+        # The schedule only sets learning rates. It covers the warm-up, at most one step
+        # per bucket, and the timed steps.
+        config = make_config(spec, args, total_steps=args.steps + NUM_BUCKETS)
+        model = train.create_model(config, num_classes)
+        tx = train.create_optimizer(config)
+        return cls(config, model, tx, init_state(model, tx, config, args.seed))
+
+    def fresh_state(self) -> train.TrainState:
+        """Return a copy of the initial state, which a donating step may consume."""
+        return jax.tree_util.tree_map(jnp.copy, self.initial_state)
+
+
+class CaseRun:
+    """One (source, mode) pair: its batches, its train state and its timings.
+
+    ``warmup_batches`` and ``timed_batches`` stay on the host for counting tokens, and
+    copies on the device feed the steps. Compilations are counted per call of
+    ``warm_up`` and ``run_block``, because the jitted steps of all modes are named
+    ``train_step`` and one counter could not tell them apart.
     """
-    with profiling.count_compilations() as compiles:
-        metrics = None
-        for batch in warmup:
-            state, metrics = train_fn(state, batch)
-        jax.block_until_ready((state, metrics))
-        before_timing = collections.Counter(compiles)
 
-        start = time.perf_counter()
-        for batch in timed:
-            state, metrics = train_fn(state, batch)
-        jax.block_until_ready((state, metrics))
-        seconds = time.perf_counter() - start
-    timed_compiles = collections.Counter(compiles)
-    timed_compiles.subtract(before_timing)
-    timed_compiles = +timed_compiles  # drop names that did not compile while timed
-    return seconds, collections.Counter(compiles), timed_compiles, float(metrics["train_loss"])
+    def __init__(self, mode: str, trainer: Trainer, warmup: Sequence[Batch],
+                 timed: Sequence[Batch], layout: dict[str, Any], arrange_ms_per_batch: float):
+        self.mode = mode
+        self.layout = layout
+        self.arrange_ms_per_batch = arrange_ms_per_batch
+        self.warmup_batches = list(warmup)
+        self.timed_batches = list(timed)
+        self.train_fn = jax.jit(
+            functools.partial(train.train_step, model=trainer.model, tx=trainer.tx,
+                              label_smoothing=0.0),
+            donate_argnums=(0,),
+        )
+        self.state = trainer.fresh_state()
+        self.warmup = jax.device_put(self.warmup_batches)
+        self.timed = jax.device_put(self.timed_batches)
+        self.compiles: collections.Counter = collections.Counter()
+        self.timed_compiles: collections.Counter = collections.Counter()
+        self.seconds = 0.0
+        self.metrics: dict[str, jax.Array] = {}
+
+    def _run(self, batches: Sequence[dict[str, jax.Array]]) -> collections.Counter:
+        """Run one step per batch, wait for the last, and return the compilations."""
+        with profiling.count_compilations() as compiles:
+            for batch in batches:
+                self.state, self.metrics = self.train_fn(self.state, batch)
+            jax.block_until_ready((self.state, self.metrics))
+        self.compiles.update(compiles)
+        return compiles
+
+    def warm_up(self) -> None:
+        """Run the untimed steps, one per distinct batch shape."""
+        self._run(self.warmup)
+
+    def run_block(self, start: int, stop: int) -> None:
+        """Run and time the timed steps ``start`` to ``stop`` (exclusive)."""
+        begin = time.perf_counter()
+        compiles = self._run(self.timed[start:stop])
+        self.seconds += time.perf_counter() - begin
+        self.timed_compiles.update(compiles)
 
 
-def run_case(
-    args: argparse.Namespace, spec: SourceSpec, mode: str, root: pathlib.Path,
-    stream: ImageStream, selector: HostSelector, num_classes: int,
-) -> dict[str, Any]:
-    """Arrange, warm up and time one (source, mode) pair and return its result."""
+def prepare_case(
+    args: argparse.Namespace, spec: SourceSpec, mode: str, stream: ImageStream,
+    selector: HostSelector, trainer: Trainer,
+) -> CaseRun:
+    """Arrange the batches of one mode and run its warm-up steps."""
     batch_size = args.batch_size or spec.default_batch_size
     arranger, layout = make_arranger(mode, spec, batch_size, args.lookahead_batches)
     num_batches = args.burn_in_batches + args.steps
     batches, arrange_seconds = arrange_batches(
         stream, selector, arranger, num_batches, spec.selection_chunk
     )
-    timed_batches = batches[args.burn_in_batches:]
-    warmup = warmup_batches(timed_batches)
+    timed = batches[args.burn_in_batches:]
+    warmup = warmup_batches(timed)
     logger.info("%s %s: %d warm-up and %d timed steps", spec.name, mode, len(warmup),
-                len(timed_batches))
+                len(timed))
+    run = CaseRun(mode, trainer, warmup, timed, {**layout, "batch_size": batch_size},
+                  arrange_ms_per_batch=1000.0 * arrange_seconds / num_batches)
+    run.warm_up()
+    return run
 
-    config = make_config(spec, args, len(warmup) + len(timed_batches))
-    model = train.create_model(config, num_classes)
-    tx = train.create_optimizer(config)
-    state = init_state(model, tx, config, args.seed)
-    train_fn = jax.jit(
-        functools.partial(train.train_step, model=model, tx=tx, label_smoothing=0.0),
-        donate_argnums=(0,),
-    )
-    seconds, compiles, timed_compiles, loss = run_steps(
-        train_fn, state, jax.device_put(warmup), jax.device_put(timed_batches)
-    )
-    if timed_compiles:
+
+def time_interleaved(runs: Sequence[CaseRun], steps: int) -> None:
+    """Time every run's steps in alternating blocks of ``TIMING_BLOCK_STEPS``.
+
+    The runs take turns block by block, and the first run of each round alternates, so
+    that a change in machine load during the benchmark affects all modes about equally.
+    """
+    for round_index, start in enumerate(range(0, steps, TIMING_BLOCK_STEPS)):
+        stop = min(start + TIMING_BLOCK_STEPS, steps)
+        order = runs if round_index % 2 == 0 else runs[::-1]
+        for run in order:
+            run.run_block(start, stop)
+
+
+def describe_case(
+    args: argparse.Namespace, spec: SourceSpec, root: pathlib.Path, stream: ImageStream,
+    trainer: Trainer, run: CaseRun,
+) -> dict[str, Any]:
+    """Return the JSON result of one timed (source, mode) pair."""
+    if run.timed_compiles:
         logger.warning("%s %s compiled %s while timed, so its rate includes compilation.",
-                       spec.name, mode, dict(timed_compiles))
-
-    run_tokens, run_positions, run_images = count_tokens([*warmup, *timed_batches])
-    _, timed_positions, timed_images = count_tokens(timed_batches)
+                       spec.name, run.mode, dict(run.timed_compiles))
+    config = trainer.config
+    warmup, timed = run.warmup_batches, run.timed_batches
+    run_tokens, run_positions, run_images = count_tokens([*warmup, *timed])
+    timed_tokens, timed_positions, timed_images = count_tokens(timed)
     return {
         # Over every step run, warm-up included.
         "padding_fraction": 1.0 - run_tokens / run_positions,
-        "compiled_programs": compiles["train_step"],
-        "compilations_during_timing": dict(timed_compiles),
-        "images_per_sec": timed_images / seconds,
+        "compiled_programs": run.compiles["train_step"],
+        "compilations_during_timing": dict(run.timed_compiles),
+        "images_per_sec": timed_images / run.seconds,
+        # Real tokens trained per second, which depends less on the mix of images.
+        "tokens_per_sec": timed_tokens / run.seconds,
         "tokens_per_image": run_tokens / run_images,
-        "steps": len(timed_batches),
+        "steps": len(timed),
         "warmup_steps": len(warmup),
-        "timed_seconds": seconds,
-        "images_per_step": timed_images / len(timed_batches),
+        "timed_seconds": run.seconds,
+        "images_per_step": timed_images / len(timed),
         # Sequence positions the encoder runs per real image, padding included.
         "token_positions_per_image": timed_positions / timed_images,
         # Host time of the Bucketer or Packer alone, tiling excluded, burn-in included.
-        "arrange_ms_per_batch": 1000.0 * arrange_seconds / num_batches,
-        "final_train_loss": loss,
+        "arrange_ms_per_batch": run.arrange_ms_per_batch,
+        "final_train_loss": float(run.metrics["train_loss"]),
         "settings": {
             "images": str(root),
             "num_source_images": len(stream.paths),
-            "num_classes": num_classes,
+            "num_classes": trainer.model.num_classes,
             "image_size": [spec.resolution, spec.resolution],
             "patch_sizes": list(spec.patch_sizes),
             "scorer": "entropy",
@@ -485,10 +567,10 @@ def run_case(
             "encoder": {"hidden_size": config.model.hidden_size, "depth": config.model.depth,
                         "num_heads": config.model.num_heads, "mlp_dim": config.model.mlp_dim,
                         "pool": config.model.pool, "embed_mode": config.model.embed_mode},
-            "sequence": mode,
-            **layout,
-            "batch_size": batch_size,
+            "sequence": run.mode,
+            **run.layout,
             "burn_in_batches": args.burn_in_batches,
+            "timing_block_steps": TIMING_BLOCK_STEPS,
             "selection_chunk": spec.selection_chunk,
             "optimizer": f"train.create_optimizer: AdamW, peak learning rate "
                          f"{config.learning_rate}, weight decay {config.weight_decay}",
@@ -505,15 +587,16 @@ def run_source(
     """Run every mode on one source and return the results by mode.
 
     ``images`` is the (paths, labels, number of classes) that ``list_images`` returns.
+    Every mode is arranged and warmed up before any is timed.
     """
     paths, labels, num_classes = images
     logger.info("%s: %d images at %d px", spec.name, len(paths), spec.resolution)
     stream = ImageStream(paths, labels, spec.resolution, args.seed)
-    selector = HostSelector(make_config(spec, args, total_steps=2), seed=args.seed)
-    return {
-        mode: run_case(args, spec, mode, root, stream, selector, num_classes)
-        for mode in MODES
-    }
+    trainer = Trainer.create(spec, args, num_classes)
+    selector = HostSelector(trainer.config, seed=args.seed)
+    runs = [prepare_case(args, spec, mode, stream, selector, trainer) for mode in MODES]
+    time_interleaved(runs, args.steps)
+    return {run.mode: describe_case(args, spec, root, stream, trainer, run) for run in runs}
 
 
 def format_summary(results: dict[str, dict[str, Any]]) -> str:
@@ -574,5 +657,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: an imported library has already attached a handler to the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     main()

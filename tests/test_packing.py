@@ -249,9 +249,9 @@ def test_best_fill_matches_brute_force():
 
 
 def test_best_fill_rejects_bad_counts():
-    with pytest.raises(ValueError, match="at least 1; got 0"):
+    with pytest.raises(ValueError, match="Token count 0 is invalid"):
         packing.best_fill([3, 0], 8, 2)
-    with pytest.raises(ValueError, match="capacity=-1"):
+    with pytest.raises(ValueError, match="capacity=-1 or max_images=2 is invalid"):
         packing.best_fill([3], -1, 2)
 
 

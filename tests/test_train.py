@@ -154,6 +154,7 @@ def test_pack_mode_trains_and_counts_every_example(tmp_path):
     config.sequence.mode = "pack"
     config.sequence.pack_length = 96
     config.sequence.max_images_per_row = 4
+    config.sequence.pack_lookahead_batches = 2
     config.lock()
     metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert metrics["eval_examples"] == 300

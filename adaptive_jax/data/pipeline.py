@@ -236,7 +236,10 @@ class InputPipeline:
             return
         if self.config.sequence.mode == "pack":
             per_row = self.config.sequence.max_images_per_row
-            bucketer = packing.Packer(batch_size // per_row, self.pack_length, per_row)
+            bucketer = packing.Packer(
+                batch_size // per_row, self.pack_length, per_row,
+                lookahead=self.config.sequence.pack_lookahead_batches * batch_size,
+            )
         else:
             bucketer = sequence.Bucketer(buckets, batch_size)
         for chunk in chunks:
