@@ -19,8 +19,33 @@ import jax.numpy as jnp
 EMBED_MODES = ("separate", "resize")
 
 
+class PatchProjection(nn.Module):
+    """Linear projection of non-overlapping size x size patches: a stride-``size`` conv.
+
+    The parameters are those of ``nn.Conv(features, (size, size), strides=size,
+    padding='VALID')``, a kernel (size, size, channels, features) and a bias. The output
+    is computed by cutting the image into patches and contracting them with the kernel,
+    which is the same sum as the conv; XLA's CPU conv was up to 4x slower for 64-px
+    kernels.
+    """
+
+    features: int
+    size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        out = jnp.einsum("bhwijc,ijcd->bhwd", patches.astype(self.dtype), kernel.astype(self.dtype))
+        return out + bias.astype(self.dtype)
+
+
 class MultiResolutionPatching(nn.Module):
-    """One strided-conv projection per patch size, applied to the whole image.
+    """One patch projection (a strided conv) per patch size, applied to the whole image.
 
     ``projections_i`` projects patches of ``patch_sizes[i]``. Calling the module returns a
     dict mapping each patch size to its tokens, (batch, patches, embed_dim), patches in
@@ -33,8 +58,7 @@ class MultiResolutionPatching(nn.Module):
 
     def setup(self):
         self.projections = [
-            nn.Conv(self.embed_dim, (s, s), strides=(s, s), padding="VALID", dtype=self.dtype)
-            for s in self.patch_sizes
+            PatchProjection(self.embed_dim, s, self.dtype) for s in self.patch_sizes
         ]
 
     def grids(self, images: jax.Array, sizes: Sequence[int] | None = None) -> dict[int, jax.Array]:
@@ -76,14 +100,7 @@ class MixedPatchEmbedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def _projection(self, size: int) -> nn.Module:
-        return nn.Conv(
-            self.hidden_size,
-            (size, size),
-            strides=(size, size),
-            padding="VALID",
-            dtype=self.dtype,
-            name=f"projection_{size}",
-        )
+        return PatchProjection(self.hidden_size, size, self.dtype, name=f"projection_{size}")
 
     @nn.compact
     def __call__(self, images: jax.Array, patch_index: jax.Array | None = None) -> jax.Array:
