@@ -1,8 +1,8 @@
 """Multi-process set-up and the step-by-step agreement that jitted collectives need.
 
 In a multi-process run every process calls the same jitted step with a global array
-assembled from each process's local batch, so all processes must agree, at every step,
-on the batch shape and on whether there is a step at all. Each process reads a
+assembled from each process's local batch. All processes must therefore agree, at every
+step, on the batch shape and on whether there is a step at all. Each process reads a
 different share of the data, so with bucketing their local bucket lengths differ and
 at the end of an evaluation one process may run out of batches before another.
 ``aligned_batches`` settles both with one small all-gather per step: the batch is padded
@@ -28,7 +28,7 @@ _initialized = False
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
-    """Start ``jax.distributed`` as ``config.distributed`` asks; a no-op when disabled.
+    """Start ``jax.distributed`` with the settings in ``config.distributed``, if enabled.
 
     ``config.distributed.enabled`` turns it on. The coordinator address, process count
     and process id come from the config when set; unset ones are left to
@@ -68,8 +68,8 @@ def aligned_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches whose shapes and count agree across all processes.
 
-    With one process the batches pass through unchanged. Otherwise, per step, the
-    processes exchange whether they have a batch and its token length; the step runs
+    With one process the batches pass through unchanged. Otherwise the processes
+    exchange, per step, whether they have a batch and its token length. The step runs
     while any process has data, and every batch is padded to the longest length.
     """
     if jax.process_count() == 1:

@@ -3,9 +3,9 @@
 ``MixedPatchEmbedding`` embeds every patch of every level, adds a positional embedding
 for the patch's position and size, and gathers the patches of a tiling into a token
 sequence by their flat index (see ``selection.level_offsets``). In 'separate' mode each
-level's strided conv costs ``height * width * channels * hidden_size`` multiply-adds, the
+level's projection costs ``height * width * channels * hidden_size`` multiply-adds, the
 same as the smallest-size projection, so L levels cost L times the embedding of a uniform
-ViT; in 'resize' mode the coarse levels run on downsampled images and cost less.
+ViT. In 'resize' mode the coarse levels run on downsampled images and cost less.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ class PatchProjection(nn.Module):
 
     The parameters are those of ``nn.Conv(features, (size, size), strides=size,
     padding='VALID')``, a kernel (size, size, channels, features) and a bias. The output
-    is computed by cutting the image into patches and contracting them with the kernel,
-    which is the same sum as the conv; XLA's CPU conv was up to 4x slower for 64-px
-    kernels.
+    cuts the image into patches and contracts them with the kernel, which is the same sum
+    as the conv. On the CPU, XLA's conv took up to 4x longer for 64-px kernels (JAX 0.10.2).
     """
 
     features: int

@@ -64,12 +64,9 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import functools
-import json
 import logging
 import pathlib
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -83,6 +80,7 @@ import numpy as np
 from adaptive_jax import config as config_lib
 from adaptive_jax import packing, profiling, selection, sequence, train
 from adaptive_jax.data.pipeline import HostSelector
+from experiments import reporting
 from experiments.throughput import describe_machine, find_images, load_image
 
 logger = logging.getLogger(__name__)
@@ -642,16 +640,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output = {
         "results": results,
         "machine": describe_machine(),
-        "command": shlex.join([sys.executable, "-m", "experiments.sequence_modes", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": reporting.command_line("experiments.sequence_modes", argv),
+        "date": reporting.utc_now(),
     }
-    text = json.dumps(output, indent=2)
-    if args.out is None:
-        print(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        logger.info("Wrote %s", args.out)
+    reporting.write_report(output, args.out, logger)
     print(format_summary(results))
     return output
 

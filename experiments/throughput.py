@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import pathlib
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -45,6 +42,7 @@ from PIL import Image
 
 from adaptive_jax import packing, profiling, scoring, selection, sequence
 from adaptive_jax.models.vit import VARIANTS, AdaptiveViT
+from experiments import reporting
 
 logger = logging.getLogger(__name__)
 
@@ -898,16 +896,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         paths = paths[:args.num_images]
 
     result = run_benchmark(args, setup, paths)
-    result["command"] = shlex.join([sys.executable, "-m", "experiments.throughput", *argv])
-    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["command"] = reporting.command_line("experiments.throughput", argv)
+    result["date"] = reporting.utc_now()
 
-    text = json.dumps(result, indent=2)
-    if args.out is None:
-        print(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        logger.info("Wrote %s", args.out)
+    reporting.write_report(result, args.out, logger)
     print(format_summary(result))
     return result
 

@@ -38,7 +38,8 @@ def test_learned_selection_static_budget():
         cover = np.zeros(IMAGE, int)
         for r, c, s in zip(rows, cols, size):
             cover[r:r + s, c:c + s] += 1
-        assert cover.min() == 1 and cover.max() == 1
+        assert cover.min() == 1
+        assert cover.max() == 1
 
 
 def test_gradients_reach_importance_net():

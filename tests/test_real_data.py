@@ -42,7 +42,8 @@ def test_imagenet_photos_tile_with_apt_thresholds():
     cover = sum(
         np.kron(np.asarray(m), np.ones((s, s), np.int32)) for m, s in zip(masks, sizes)
     )
-    assert cover.min() == 1 and cover.max() == 1
+    assert cover.min() == 1
+    assert cover.max() == 1
     # 576 tokens is the uniform 16-px grid; real photos have flat regions to merge.
     assert counts.max() <= 576
     assert counts.mean() < 576

@@ -113,7 +113,8 @@ def test_selector_tiling_respects_pixel_sizes():
     variables = {"params": params}
     masks, importance = selector.apply(variables, images, method=selection.AdaptivePatchSelector.tiling)
     cover = _coverage(masks, (8, 16, 32), (64, 64))
-    assert cover.min() == 1 and cover.max() == 1
+    assert cover.min() == 1
+    assert cover.max() == 1
     pixel_sizes = np.asarray(
         selector.apply({}, importance, method=selection.AdaptivePatchSelector.select_patch_sizes)
     )[..., 0]
@@ -145,7 +146,8 @@ def test_budget_with_tied_scores_stays_valid():
     scores = [jnp.zeros((2, 64 // s, 64 // s)) for s in sizes]
     masks = selection.budget_tiling(scores, 4 + 3 * 7)
     cover = _coverage(masks, sizes, image)
-    assert cover.min() == 1 and cover.max() == 1
+    assert cover.min() == 1
+    assert cover.max() == 1
     np.testing.assert_array_equal(np.asarray(selection.token_counts(masks)), [25, 25])
 
 
