@@ -5,16 +5,20 @@ for the patch's position and size, and gathers the patches of a tiling into a to
 sequence by their flat index (see ``selection.level_offsets``). In 'separate' mode each
 level's projection costs ``height * width * channels * hidden_size`` multiply-adds, the
 same as the smallest-size projection, so L levels cost L times the embedding of a uniform
-ViT. In 'resize' mode the coarse levels run on downsampled images and cost less.
+ViT. In 'resize' mode the coarse levels run on downsampled images and cost less. A coarse
+level that no token of the batch uses is skipped at run time in both modes, so a batch
+tiled entirely at the smallest size costs what the uniform ViT costs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from adaptive_jax.selection import level_offsets
 
 EMBED_MODES = ("separate", "resize")
 
@@ -31,16 +35,35 @@ class PatchProjection(nn.Module):
     features: int
     size: int
     dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, enabled: jax.Array | None = None) -> jax.Array:
+        """Return (batch, rows, cols, features) patch embeddings of NHWC ``images``.
+
+        ``enabled`` is an optional boolean scalar. When it is False at run time the
+        projection is skipped (``lax.cond``) and zeros are returned, so a batch that uses
+        no patch of this size does not pay for its projection.
+        """
         b, h, w, c = images.shape
         p = self.size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
+        kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        out = jnp.einsum("bhwijc,ijcd->bhwd", patches.astype(self.dtype), kernel.astype(self.dtype))
-        return out + bias.astype(self.dtype)
+
+        def project(images, kernel, bias):
+            patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+            out = jnp.einsum(
+                "bhwijc,ijcd->bhwd", patches.astype(self.dtype), kernel.astype(self.dtype)
+            )
+            return out + bias.astype(self.dtype)
+
+        if enabled is None:
+            return project(images, kernel, bias)
+
+        def skip(images, kernel, bias):
+            return jnp.zeros((b, h // p, w // p, self.features), jnp.result_type(self.dtype))
+
+        return jax.lax.cond(enabled, project, skip, images, kernel, bias)
 
 
 class MultiResolutionPatching(nn.Module):
@@ -60,10 +83,23 @@ class MultiResolutionPatching(nn.Module):
             PatchProjection(self.embed_dim, s, self.dtype) for s in self.patch_sizes
         ]
 
-    def grids(self, images: jax.Array, sizes: Sequence[int] | None = None) -> dict[int, jax.Array]:
-        """Return the projections of ``sizes`` (default: all) as (batch, rows, cols, dim) grids."""
+    def grids(
+        self,
+        images: jax.Array,
+        sizes: Sequence[int] | None = None,
+        enabled: dict[int, jax.Array] | None = None,
+    ) -> dict[int, jax.Array]:
+        """Return the projections of ``sizes`` (default: all) as (batch, rows, cols, dim) grids.
+
+        ``enabled`` optionally maps a size to a boolean scalar. A size whose flag is False
+        at run time is skipped, and its grid is zeros (see ``PatchProjection``).
+        """
         sizes = self.patch_sizes if sizes is None else sizes
-        return {s: self.projections[list(self.patch_sizes).index(s)](images) for s in sizes}
+        enabled = enabled or {}
+        return {
+            s: self.projections[list(self.patch_sizes).index(s)](images, enabled.get(s))
+            for s in sizes
+        }
 
     def __call__(self, images: jax.Array) -> dict[int, jax.Array]:
         grids = self.grids(images)
@@ -128,30 +164,34 @@ class MixedPatchEmbedding(nn.Module):
             project_base = lambda x: patching.grids(x, [p_min])[p_min]  # noqa: E731
         else:
             project_base = self._projection(p_min)
+            # A stride-(s / p_min) conv over the p_min embeddings, with nn.Conv's parameters.
             aggregators = {
-                s: nn.Conv(
-                    self.hidden_size,
-                    (s // p_min, s // p_min),
-                    strides=(s // p_min, s // p_min),
-                    padding="VALID",
-                    kernel_init=nn.initializers.zeros,
-                    dtype=self.dtype,
-                    name=f"aggregate_{s}",
+                s: PatchProjection(
+                    self.hidden_size, s // p_min, self.dtype,
+                    kernel_init=nn.initializers.zeros, name=f"aggregate_{s}",
                 )
                 for s in sizes[1:]
             }
 
-        # Every level is computed when patch_index is given, and also at init so that one
-        # parameter tree serves both call forms.
+        # Every level is in the program when patch_index is given, and also at init so that
+        # one parameter tree serves both call forms.
         levels = sizes if patch_index is not None or self.is_initializing() else [p_min]
+        # A coarse level that no token of the batch uses is skipped at run time, so a
+        # batch tiled at the smallest size only costs what the uniform ViT costs.
+        used = {}
+        if patch_index is not None and not self.is_initializing():
+            offsets = level_offsets(self.image_size, sizes)
+            for k, s in enumerate(sizes[1:], start=1):
+                used[s] = jnp.any((patch_index >= offsets[k]) & (patch_index < offsets[k + 1]))
         base = project_base(images)
         if self.mode == "separate":
-            grids = {p_min: base, **patching.grids(images, levels[1:])}
+            grids = {p_min: base, **patching.grids(images, levels[1:], used)}
         else:
             grids = {p_min: base}
             for s in levels[1:]:
                 factor = s // p_min
-                grids[s] = project_base(_avg_pool(images, factor)) + aggregators[s](base)
+                pooled = project_base(_avg_pool(images, factor), used.get(s))
+                grids[s] = pooled + aggregators[s](base, used.get(s))
 
         flat = []
         for s in levels:

@@ -174,6 +174,34 @@ def train_step(
     return new_state, metrics
 
 
+def init_state(
+    rng: jax.Array, *, config: ml_collections.ConfigDict, model: nn.Module,
+    tx: optax.GradientTransformation,
+) -> TrainState:
+    """Return the step-0 state: fresh parameters, optimizer state and dropout key."""
+    init_rng, state_rng = jax.random.split(rng)
+    h, w = config_lib.model_image_size(config)
+    params = model.init(init_rng, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng)
+
+
+def jit_train_step(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> Callable:
+    """Return ``train_step`` jitted over ``mesh``: replicated state, batch split on 'data'.
+
+    The state argument is donated, so its buffers are reused for the new state.
+    """
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+        out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+
+
 def eval_step(
     params, batch: Batch, *, model: nn.Module, budget: int | None = None
 ) -> dict[str, jax.Array]:
@@ -301,7 +329,8 @@ def make_mesh(batch_sizes: dict[str, int]) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> Batch:
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> Batch:
+    """Turn this process's NumPy batch into global arrays split over ``sharding``."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
@@ -312,9 +341,9 @@ def global_batches(local_batches: Iterator, sharding: NamedSharding) -> Iterator
     calling thread in step order; only host-side batch assembly is prefetched.
     """
     if jax.process_count() == 1:
-        return prefetch(local_batches, transform=functools.partial(_to_global, sharding=sharding))
+        return prefetch(local_batches, transform=functools.partial(to_global, sharding=sharding))
     aligned = distributed.aligned_batches(prefetch(local_batches))
-    return (_to_global(batch, sharding) for batch in aligned)
+    return (to_global(batch, sharding) for batch in aligned)
 
 
 def evaluate(
@@ -428,14 +457,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    def init(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        h, w = config_lib.model_image_size(config)
-        params = model.init(init_rng, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=state_rng)
-
-    init_fn = jax.jit(init, out_shardings=replicated)
+    init_fn = jax.jit(
+        functools.partial(init_state, config=config, model=model, tx=tx), out_shardings=replicated
+    )
     checkpoints = Checkpoints(
         os.path.join(workdir, "checkpoints"), config, model_signature(config, pipeline.num_classes)
     )
@@ -443,12 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info("Model has %d parameters.", num_params)
 
-    train_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
+    train_fn = jit_train_step(config, model, tx, mesh)
     eval_budget = config.eval_selection.budget if uses_learned_selector(config) else None
     eval_fn = jax.jit(
         functools.partial(eval_step, model=model, budget=eval_budget),

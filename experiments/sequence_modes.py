@@ -400,22 +400,6 @@ def count_tokens(batches: Sequence[Batch]) -> tuple[int, int, int]:
     return real_tokens, positions, real_images
 
 
-def init_state(
-    model: Any, tx: Any, config: ml_collections.ConfigDict, seed: int
-) -> train.TrainState:
-    """Return a freshly initialised train state, as ``train.train_and_evaluate`` builds it."""
-    h, w = config_lib.model_image_size(config)
-
-    def init(rng: jax.Array) -> train.TrainState:
-        init_rng, state_rng = jax.random.split(rng)
-        params = model.init(init_rng, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params), rng=state_rng)
-
-    # One compiled program instead of one per operation of an eager initialisation.
-    return jax.jit(init)(jax.random.PRNGKey(seed))
-
-
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """The model, optimizer and initial train state that every mode of a source starts from."""
@@ -432,7 +416,9 @@ class Trainer:
         config = make_config(spec, args, total_steps=args.steps + NUM_BUCKETS)
         model = train.create_model(config, num_classes)
         tx = train.create_optimizer(config)
-        return cls(config, model, tx, init_state(model, tx, config, args.seed))
+        # One compiled program instead of one per operation of an eager initialisation.
+        init = jax.jit(functools.partial(train.init_state, config=config, model=model, tx=tx))
+        return cls(config, model, tx, init(jax.random.PRNGKey(args.seed)))
 
     def fresh_state(self) -> train.TrainState:
         """Return a copy of the initial state, which a donating step may consume."""

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument(
         "--warmup", type=int, default=1,
         help="untimed rounds before the timed ones, at least 1 so that compilation is "
-        "excluded (default: %(default)s)",
+        "excluded. A warm-up round runs one batch of each shape (default: %(default)s)",
     )
     timing.add_argument("--seed", type=int, default=0, help="parameter and random-scorer seed")
     timing.add_argument(
@@ -527,27 +527,46 @@ def patch_embedding_flops(image_size: Sequence[int], hidden: int, levels: int) -
 
     Every pixel enters exactly one patch per level, so each level costs H * W * 3 * d
     multiply-adds whatever its patch size. ``MixedPatchEmbedding`` in 'separate' mode
-    projects every level of an image, whichever patches its tiling keeps.
+    projects every level that some token of the batch uses, for every image of the batch.
     """
     return 2 * image_size[0] * image_size[1] * 3 * hidden * levels
 
 
+def levels_used(patch_index: np.ndarray, setup: Setup) -> int:
+    """Return how many patch sizes the flat indices ``patch_index`` refer to.
+
+    The smallest size always counts: padding entries point at its patch 0.
+    """
+    offsets = selection.level_offsets(setup.image_size, setup.patch_sizes)
+    coarse = sum(
+        bool(((patch_index >= offsets[k]) & (patch_index < offsets[k + 1])).any())
+        for k in range(1, len(setup.patch_sizes))
+    )
+    return 1 + coarse
+
+
 def count_flops(
-    batches: Sequence[Batch], setup: Setup, levels: int, tokens: int | None = None
+    batches: Sequence[Batch], setup: Setup, tokens: int | None = None
 ) -> dict[str, float]:
     """Return the encoder and patch-embedding FLOPs of running ``batches``, padding included.
 
     A batch's sequence length is its ``patch_index`` width, or ``tokens`` for the uniform
     model. The embedding runs once per image in the batch's image array, so filler rows
-    and empty packed slots count as well.
+    and empty packed slots count as well. It runs the levels that a bucketed batch's
+    tokens use, and every level for packed rows, which embed every patch of every slot.
     """
     encoder = 0
     embedding = 0
     for batch in batches:
         if "patch_index" in batch:
             rows, length = batch["patch_index"].shape
+            if "segment_ids" in batch:
+                levels = len(setup.patch_sizes)
+            else:
+                levels = levels_used(batch["patch_index"], setup)
         else:
             rows, length = batch["image"].shape[0], tokens
+            levels = 1
         layer = encoder_layer_flops(length, setup.hidden_size, setup.mlp_dim)
         encoder += rows * setup.depth * layer
         embedding += batch["image"].shape[0] * patch_embedding_flops(
@@ -678,6 +697,19 @@ def build_models(setup: Setup, seed: int) -> tuple[AdaptiveViT, Any, AdaptiveViT
     return adaptive, adaptive_params, uniform, uniform_params
 
 
+def one_per_shape(items: Sequence[Any]) -> list[Any]:
+    """Return the first item of each distinct array-shape signature, in order."""
+    seen = set()
+    chosen = []
+    for item in items:
+        arrays = item.items() if isinstance(item, dict) else [("", item)]
+        key = tuple(sorted((name, value.shape, str(value.dtype)) for name, value in arrays))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(item)
+    return chosen
+
+
 def run_rounds(
     args: argparse.Namespace,
     tiler: HostTiler,
@@ -686,10 +718,12 @@ def run_rounds(
 ) -> tuple[dict[str, list[float]], collections.Counter, collections.Counter]:
     """Run warm-up rounds, then timed rounds.
 
-    Each round runs one selection pass, then the adaptive and uniform forward passes, in
-    an order that swaps every round so neither model always runs first. Returns the timed
-    seconds of each pass and the XLA compilations by function name during the warm-up
-    and the timed rounds.
+    Each timed round runs one selection pass, then the adaptive and uniform forward
+    passes, in an order that swaps every round so neither model always runs first. A
+    warm-up round runs the same passes over one input of each shape only, which compiles
+    every program without the cost of a whole pass. Returns the timed seconds of each
+    pass and the XLA compilations by function name during the warm-up and the timed
+    rounds.
     """
     seconds: dict[str, list[float]] = {"selection": [], "adaptive": [], "uniform": []}
     warmup_compiles: collections.Counter = collections.Counter()
@@ -698,10 +732,12 @@ def run_rounds(
         timed = round_index >= args.warmup
         order = ("adaptive", "uniform") if round_index % 2 == 0 else ("uniform", "adaptive")
         with profiling.count_compilations() as compiles:
-            times = {"selection": time_selection_pass(tiler, chunks)}
+            round_chunks = chunks if timed else one_per_shape(chunks)
+            times = {"selection": time_selection_pass(tiler, round_chunks)}
             for name in order:
                 forward, params, inputs = passes[name]
-                times[name] = time_forward_pass(forward, params, inputs)
+                round_inputs = inputs if timed else one_per_shape(inputs)
+                times[name] = time_forward_pass(forward, params, round_inputs)
         label = f"round {round_index - args.warmup + 1}" if timed else "warm-up round"
         logger.info(
             "%s: selection %.3f s, adaptive %.3f s, uniform %.3f s", label,
@@ -721,23 +757,25 @@ def run_rounds(
 
 def compare_flops(
     setup: Setup, adaptive_batches: Sequence[Batch], plain_batches: Sequence[Batch],
-    tokens: np.ndarray,
+    flat_masks: np.ndarray,
 ) -> dict[str, Any]:
     """Return the ideal speedups from FLOPs and the FLOPs per image of both models.
 
     ``ideal_speedup`` divides the uniform model's FLOPs by the adaptive model's over the
     batches actually run, padding included. ``ideal_speedup_without_padding`` uses each
-    image's own token count ``tokens`` instead, with no filler rows or empty slots.
+    image's own tiling ``flat_masks`` instead (its token count and the levels it uses),
+    with no filler rows or empty slots.
     """
-    num_images = tokens.shape[0]
-    levels = len(setup.patch_sizes)
-    adaptive_flops = count_flops(adaptive_batches, setup, levels)
-    uniform_flops = count_flops(plain_batches, setup, 1, setup.uniform_tokens)
+    num_images = flat_masks.shape[0]
+    adaptive_flops = count_flops(adaptive_batches, setup)
+    uniform_flops = count_flops(plain_batches, setup, setup.uniform_tokens)
 
     unpadded_adaptive = sum(
-        setup.depth * encoder_layer_flops(int(count), setup.hidden_size, setup.mlp_dim)
-        + patch_embedding_flops(setup.image_size, setup.hidden_size, levels)
-        for count in tokens
+        setup.depth * encoder_layer_flops(int(mask.sum()), setup.hidden_size, setup.mlp_dim)
+        + patch_embedding_flops(
+            setup.image_size, setup.hidden_size, levels_used(np.flatnonzero(mask), setup)
+        )
+        for mask in flat_masks
     )
     unpadded_uniform = num_images * (
         setup.depth * encoder_layer_flops(setup.uniform_tokens, setup.hidden_size, setup.mlp_dim)
@@ -826,7 +864,7 @@ def run_benchmark(
     selection_per_image = medians["selection"] / num_images
     forward_per_image = medians["adaptive"] / num_images
 
-    flops = compare_flops(setup, adaptive_batches, plain_batches, tokens)
+    flops = compare_flops(setup, adaptive_batches, plain_batches, flat_masks)
     padded, positions = count_padding(adaptive_batches)
     compiles = warmup_compiles + timed_compiles
     programs, programs_source = compiled_program_count(
@@ -840,6 +878,12 @@ def run_benchmark(
         "adaptive_img_per_s": adaptive_img_per_s,
         "uniform_img_per_s": uniform_img_per_s,
         "speedup": speedup,
+        # Uniform over adaptive pass time of each round; both passes of a round share the
+        # machine's load, so their spread shows how precise ``speedup`` is.
+        "round_speedups": [
+            uniform_time / adaptive_time
+            for adaptive_time, uniform_time in zip(seconds["adaptive"], seconds["uniform"])
+        ],
         "tokens_per_image": {"adaptive": float(tokens.mean()), "uniform": setup.uniform_tokens},
         "padding_fraction": padded / positions,
         "compiled_programs": programs,
@@ -877,6 +921,9 @@ def format_summary(result: dict[str, Any]) -> str:
         "tokens/image)",
         f"  speedup {result['speedup']:.2f}x, ideal {result['ideal_speedup']:.2f}x from FLOPs, "
         f"efficiency {result['efficiency']:.2f}",
+        f"  speedup per round from {min(result['round_speedups']):.2f}x to "
+        f"{max(result['round_speedups']):.2f}x, median "
+        f"{statistics.median(result['round_speedups']):.2f}x",
         f"  host selection: {100 * result['selection_fraction']:.1f}% of adaptive time per "
         "image",
     ])

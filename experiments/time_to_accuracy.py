@@ -23,8 +23,10 @@ from collections.abc import Sequence
 
 import jax
 
+from adaptive_jax import config as config_lib
 from adaptive_jax import train
 from configs import cifar10
+from experiments.throughput import parse_float_list, parse_int_list
 
 RUNS = (("adaptive", ""), ("uniform", "uniform"))
 
@@ -88,9 +90,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=1500, help="Training steps of each run.")
     parser.add_argument("--eval-every", type=int, default=250, help="Steps between evaluations.")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--patch-sizes", type=parse_int_list, default=None,
+        help="Adaptive patch sizes, e.g. 2,4,8; the uniform model uses the smallest. "
+             "Default: those of configs/cifar10.py (4,8,16).",
+    )
+    parser.add_argument(
+        "--thresholds", type=parse_float_list, default=None,
+        help="Entropy thresholds of the adaptive model, one per coarse size, "
+             "e.g. 3.0,4.0. Default: those of configs/cifar10.py.",
+    )
     args = parser.parse_args(argv)
 
-    curves = {}
+    curves, patch_sizes = {}, {}
     for name, arg in RUNS:
         config = cifar10.get_config(arg)
         config.unlock()
@@ -100,7 +112,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config.log_every = args.eval_every
         config.checkpoint_every = args.steps
         config.batch_size = args.batch_size
+        if args.patch_sizes:
+            config.patch_sizes = args.patch_sizes[:1] if name == "uniform" else args.patch_sizes
+        if args.thresholds and name == "adaptive":
+            config.selection.thresholds = args.thresholds
         config.lock()
+        config_lib.validate_config(config)
+        patch_sizes[name] = tuple(config.patch_sizes)
+        if name == "adaptive":
+            thresholds = tuple(config.selection.thresholds)
         workdir = os.path.join(args.out, name)
         train.train_and_evaluate(config, workdir)
         curves[name] = read_curve(workdir)
@@ -116,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "final": {name: curve[-1] for name, curve in curves.items()},
         "curves": curves,
         "settings": {"steps": args.steps, "eval_every": args.eval_every,
-                     "batch_size": args.batch_size, "config": "configs/cifar10.py"},
+                     "batch_size": args.batch_size, "config": "configs/cifar10.py",
+                     "patch_sizes": list(patch_sizes["adaptive"]),
+                     "uniform_patch_size": patch_sizes["uniform"][0],
+                     "thresholds": list(thresholds)},
         "machine": machine_info(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.time_to_accuracy",
                              *(argv if argv is not None else sys.argv[1:])]),

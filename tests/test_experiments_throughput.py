@@ -67,6 +67,8 @@ def _check_common(result: dict, argv: list[str]) -> None:
     assert result["speedup"] == pytest.approx(
         result["adaptive_img_per_s"] / result["uniform_img_per_s"]
     )
+    assert len(result["round_speedups"]) == result["settings"]["repeats"]
+    assert all(ratio > 0 for ratio in result["round_speedups"])
     assert result["tokens_per_image"]["uniform"] == UNIFORM_TOKENS
     assert 4 <= result["tokens_per_image"]["adaptive"] <= UNIFORM_TOKENS
     assert 0 <= result["padding_fraction"] < 1
@@ -113,12 +115,29 @@ def test_all_smallest_matches_flops_by_hand(tmp_path):
     assert result["tokens_per_image"]["adaptive"] == UNIFORM_TOKENS
     assert result["padding_fraction"] == 0
     assert result["compiled_programs"] == 1
-    # Six images in batches of two fill every batch. The adaptive model runs the same
-    # encoder but projects all three patch-size levels of each image.
-    encoder = DEPTH * _layer_flops(UNIFORM_TOKENS)
+    # Six images in batches of two fill every batch. No token uses a coarse patch size,
+    # so the adaptive model skips those projections and costs what the uniform one does.
+    assert result["ideal_speedup"] == pytest.approx(1.0)
+    assert result["ideal_speedup_without_padding"] == pytest.approx(1.0)
+
+
+def test_flops_count_the_levels_each_batch_uses():
+    setup = throughput.Setup(
+        variant="Ti/8", image_size=(RESOLUTION, RESOLUTION), patch_sizes=(8, 16, 32),
+        hidden_size=HIDDEN,
+        depth=DEPTH, num_heads=2, mlp_dim=MLP, thresholds=(0.0, 0.0), scorer="entropy",
+        bins=64,
+    )
+    fine = np.arange(4, dtype=np.int32)[None]  # level-0 patches only
+    # Flat indices: 0-63 are 8-px patches, 64-79 16-px and 80-83 32-px ones.
+    mixed = np.array([[0, 1, 81, 82]], np.int32)
+    image = np.zeros((1, RESOLUTION, RESOLUTION, 3), np.uint8)
+    flops = throughput.count_flops(
+        [{"image": image, "patch_index": fine}, {"image": image, "patch_index": mixed}], setup
+    )
     embedding = 2 * RESOLUTION * RESOLUTION * 3 * HIDDEN
-    expected = (encoder + embedding) / (encoder + 3 * embedding)
-    assert result["ideal_speedup"] == pytest.approx(expected)
+    assert flops["patch_embedding"] == (1 + 2) * embedding
+    assert flops["encoder"] == 2 * DEPTH * _layer_flops(4)
 
 
 def test_load_image_center_crops_longer_side(tmp_path):
@@ -174,3 +193,16 @@ def test_empty_folder_exits(tmp_path):
 ])
 def test_default_patch_sizes_divide_resolution(patch, resolution, expected):
     assert throughput.default_patch_sizes(patch, resolution) == expected
+
+
+def test_warm_up_inputs_one_per_shape():
+    a = {"image": np.zeros((2, 8, 8, 3)), "patch_index": np.zeros((2, 4), np.int32)}
+    b = {"image": np.ones((2, 8, 8, 3)), "patch_index": np.zeros((2, 4), np.int32)}
+    c = {"image": np.zeros((2, 8, 8, 3)), "patch_index": np.zeros((2, 6), np.int32)}
+
+    chosen = throughput.one_per_shape([a, b, c])
+
+    assert len(chosen) == 2
+    assert chosen[0] is a
+    assert chosen[1] is c
+    assert len(throughput.one_per_shape([np.zeros((3, 2)), np.zeros((3, 2)), np.zeros((1, 2))])) == 2

@@ -125,3 +125,76 @@ def test_parameter_tree_names():
 def test_unknown_embed_mode_rejected():
     with pytest.raises(ValueError, match="embed mode"):
         _model(embed_mode="bogus").init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE, 3)))
+
+
+@pytest.mark.parametrize("embed_mode", ["separate", "resize"])
+def test_unused_levels_are_skipped_without_changing_tokens(embed_mode):
+    from adaptive_jax.patch_embed import MixedPatchEmbedding
+
+    embedding = MixedPatchEmbedding(SIZES, IMAGE, 32, embed_mode)
+    images = _images()
+    variables = embedding.init(jax.random.PRNGKey(0), images[:1])
+    variables = jax.tree_util.tree_map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(5), x.shape), variables
+    )
+    offsets = selection.level_offsets(IMAGE, SIZES)
+    # Tokens of levels 0 and 1 only: the 16-px projection has nothing to embed.
+    index = jnp.asarray(np.stack([
+        np.r_[np.arange(0, 8), np.arange(offsets[1], offsets[1] + 6)],
+        np.r_[np.arange(10, 20), np.arange(offsets[1] + 3, offsets[1] + 7)],
+        np.r_[np.arange(40, 54)],
+    ]).astype(np.int32))
+    every_patch = jnp.broadcast_to(jnp.arange(int(offsets[-1]), dtype=jnp.int32), (3, int(offsets[-1])))
+    reference = jnp.take_along_axis(
+        embedding.apply(variables, images, every_patch), index[..., None], axis=1
+    )
+    tokens = embedding.apply(variables, images, index)
+    np.testing.assert_allclose(tokens, reference, atol=1e-5, rtol=1e-5)
+
+    # Each coarse level's projection sits behind a run-time condition on its use.
+    jaxpr = jax.make_jaxpr(lambda v, x, i: embedding.apply(v, x, i))(variables, images, index)
+    conds = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
+    # 'resize' has two parts per coarse level: the downsampled projection and the
+    # aggregating conv.
+    per_level = 2 if embed_mode == "resize" else 1
+    assert len(conds) == per_level * (len(SIZES) - 1)
+
+
+def test_patch_projection_matches_strided_conv():
+    import flax.linen as nn
+
+    from adaptive_jax.patch_embed import PatchProjection
+
+    grid = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 32))
+    projection = PatchProjection(16, 4, kernel_init=nn.initializers.normal(1.0))
+    params = projection.init(jax.random.PRNGKey(1), grid)
+    conv = nn.Conv(16, (4, 4), strides=(4, 4), padding="VALID")
+    np.testing.assert_allclose(
+        projection.apply(params, grid), conv.apply(params, grid), atol=1e-4, rtol=1e-4
+    )
+    # A disabled projection returns zeros of the same shape.
+    skipped = projection.apply(params, grid, jnp.asarray(False))
+    assert skipped.shape == (2, 2, 3, 16)
+    assert not np.asarray(skipped).any()
+
+
+@pytest.mark.parametrize("pool", ["gap", "cls"])
+def test_batch_without_padding_skips_mask(pool):
+    model = _model(pool=pool)
+    params = _init(model)
+    images = _images()
+    # Budget tiling gives every image exactly 39 tokens, so a length of 39 has no padding.
+    flat = selection.flatten_masks(
+        selection.budget_tiling(scoring.laplacian_scores(jnp.abs(images) * 60.0, SIZES), 39)
+    )
+    unpadded = model.apply({"params": params}, images, *_tokens(flat, 39))
+    padded = model.apply({"params": params}, images, *_tokens(flat, 48))
+    np.testing.assert_allclose(unpadded, padded, atol=1e-5, rtol=1e-5)
+
+    # Each block chooses at run time between masked and unmasked attention.
+    index, mask = _tokens(flat, 39)
+    jaxpr = jax.make_jaxpr(lambda p, x, i, m: model.apply({"params": p}, x, i, m))(
+        params, images, index, mask
+    )
+    conds = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
+    assert len(conds) == SMALL["depth"] + len(SIZES) - 1

@@ -53,14 +53,38 @@ class EncoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, attention_mask: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        deterministic: bool,
+        all_keys_real: jax.Array | None = None,
+    ) -> jax.Array:
+        """Apply one pre-LN attention and MLP block.
+
+        ``all_keys_real`` is an optional boolean scalar. When it is True at run time
+        (``nn.cond``), attention runs without ``attention_mask``, which then masks
+        nothing, and saves the masking pass over the attention logits.
+        """
         y = nn.LayerNorm(dtype=self.dtype)(x)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            deterministic=deterministic,
-        )(y, y, mask=attention_mask)
+
+        def attend(block, y, mask):
+            return nn.MultiHeadDotProductAttention(
+                num_heads=self.num_heads,
+                dtype=self.dtype,
+                kernel_init=nn.initializers.xavier_uniform(),
+                deterministic=deterministic,
+                name="MultiHeadDotProductAttention_0",
+            )(y, y, mask=mask)
+
+        if all_keys_real is None:
+            y = attend(self, y, attention_mask)
+        else:
+            y = nn.cond(
+                all_keys_real, lambda block, y, mask: attend(block, y, None), attend,
+                self, y, attention_mask,
+            )
         x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype)(y, deterministic=deterministic)
@@ -132,6 +156,8 @@ class AdaptiveViT(nn.Module):
         if token_scale is not None:
             x = x * token_scale[..., None].astype(x.dtype)
         b, t, _ = x.shape
+        # Without a token mask every key is real, which the program knows statically.
+        all_keys_real = None if token_mask is None else jnp.all(token_mask)
         if token_mask is None:
             token_mask = jnp.ones((b, t), bool)
 
@@ -141,9 +167,9 @@ class AdaptiveViT(nn.Module):
             token_mask = jnp.concatenate([jnp.ones((b, 1), bool), token_mask], axis=1)
 
         # Key-only mask, (batch, 1 head axis, 1 query axis, keys): padded queries still see
-        # real keys, so no softmax row is empty.
+        # real keys, so no softmax row is empty. A batch without padding skips the mask.
         attention_mask = token_mask[:, None, None, :]
-        x = self._encode(x, attention_mask, train=train)
+        x = self._encode(x, attention_mask, train=train, all_keys_real=all_keys_real)
 
         if self.pool == "cls":
             pooled = x[:, 0]
@@ -219,12 +245,15 @@ class AdaptiveViT(nn.Module):
     def _class_token(self) -> jax.Array:
         return self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
 
-    def _encode(self, x: jax.Array, attention_mask: jax.Array, *, train: bool) -> jax.Array:
+    def _encode(
+        self, x: jax.Array, attention_mask: jax.Array, *, train: bool,
+        all_keys_real: jax.Array | None = None,
+    ) -> jax.Array:
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         for i in range(self.depth):
             x = EncoderBlock(
                 self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype, name=f"block_{i}"
-            )(x, attention_mask, deterministic=not train)
+            )(x, attention_mask, deterministic=not train, all_keys_real=all_keys_real)
         return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
 
     def _head(self, pooled: jax.Array) -> jax.Array:
