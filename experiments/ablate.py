@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import itertools
 import json
 import os
@@ -156,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--grid", action="append", default=[], type=parse_grid_axis,
                         help="KEY=V1,V2,... one grid axis; repeatable.")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("matplotlib is missing, and the plot needs it. Install the project with "
+                     "its dev extra: pip install -e '.[dev]'.")
 
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")

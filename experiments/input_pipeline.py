@@ -71,15 +71,8 @@ class TimedSelector:
         return masks
 
 
-def time_pipeline(batches: Iterator, n: int, drain: int = 0) -> tuple[float, list]:
-    """Return the seconds to draw ``n`` batches and the batches themselves.
-
-    ``drain`` batches are drawn first and not timed: tf.data and the host stages keep
-    filling their buffers while the consumer is busy elsewhere, and those ready batches
-    would otherwise count as instant.
-    """
-    for _ in itertools.islice(batches, drain):
-        pass
+def time_pipeline(batches: Iterator, n: int) -> tuple[float, list]:
+    """Return the seconds to draw ``n`` batches and the batches themselves."""
     start = time.perf_counter()
     drawn = list(itertools.islice(batches, n))
     return time.perf_counter() - start, drawn
@@ -143,8 +136,12 @@ def run(config, num_batches: int, rounds: int, warmup: int, drain: int) -> dict:
     timings = {"pipeline": [], "step": [], "fed": []}
     selection_seconds = 0.0
     for r in range(rounds):
+        # Drawn untimed: tf.data and the host stages keep filling their buffers while the
+        # step runs, and those ready batches would otherwise count as instant.
+        for _ in itertools.islice(batches, drain):
+            pass
         selected_before = selector.seconds if selector is not None else 0.0
-        seconds, drawn = time_pipeline(batches, num_batches, drain)
+        seconds, drawn = time_pipeline(batches, num_batches)
         timings["pipeline"].append(seconds)
         if selector is not None:
             selection_seconds += selector.seconds - selected_before

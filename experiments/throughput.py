@@ -916,7 +916,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"{settings['repeats']} rounds:",
         f"  adaptive {result['adaptive_img_per_s']:9.2f} img/s  ({tokens['adaptive']:.1f} "
         f"tokens/image, {100 * result['padding_fraction']:.1f}% padding, "
-        f"{result['compiled_programs']} compiled programs)",
+        f"compiled programs: {result['compiled_programs']})",
         f"  uniform  {result['uniform_img_per_s']:9.2f} img/s  ({tokens['uniform']} "
         "tokens/image)",
         f"  speedup {result['speedup']:.2f}x, ideal {result['ideal_speedup']:.2f}x from FLOPs, "

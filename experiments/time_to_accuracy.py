@@ -14,19 +14,19 @@ reach the uniform model's final accuracy, the machine and the command) and
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
 import os
-import platform
 import sys
 from collections.abc import Sequence
 
-import jax
+from absl import logging as absl_logging
 
 from adaptive_jax import config as config_lib
 from adaptive_jax import train
 from configs import cifar10
-from experiments.throughput import parse_float_list, parse_int_list
+from experiments.reporting import command_line, utc_now
+from experiments.throughput import describe_machine, parse_float_list, parse_int_list
 
 RUNS = (("adaptive", ""), ("uniform", "uniform"))
 
@@ -73,16 +73,6 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], png_path: str) -> Non
     plt.close(fig)
 
 
-def machine_info() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "devices": [d.device_kind for d in jax.devices()],
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="CIFAR-10 image folder with train/ and test/.")
@@ -101,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "e.g. 3.0,4.0. Default: those of configs/cifar10.py.",
     )
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("matplotlib is missing, and the plot needs it. Install the project with "
+                     "its dev extra: pip install -e '.[dev]'.")
+    for name, _ in RUNS:
+        workdir = os.path.join(args.out, name)
+        if os.path.exists(workdir):
+            # A resumed run restarts its training clock, which would break the curves.
+            parser.error(f"--out {args.out} already contains the run folder {workdir}. "
+                         "Give a new --out or delete that folder.")
+    # Show the trainer's progress lines (steps/s, ETA, evaluations) on stderr.
+    absl_logging.set_verbosity(absl_logging.INFO)
 
     curves, patch_sizes = {}, {}
     for name, arg in RUNS:
@@ -140,17 +141,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "patch_sizes": list(patch_sizes["adaptive"]),
                      "uniform_patch_size": patch_sizes["uniform"][0],
                      "thresholds": list(thresholds)},
-        "machine": machine_info(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.time_to_accuracy",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "command": command_line("experiments.time_to_accuracy",
+                                list(argv if argv is not None else sys.argv[1:])),
+        "date": utc_now(),
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "time_to_accuracy.json"), "w") as f:
+    json_path = os.path.join(args.out, "time_to_accuracy.json")
+    png_path = os.path.join(args.out, "time_to_accuracy.png")
+    with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    plot_curves(curves, os.path.join(args.out, "time_to_accuracy.png"))
+    plot_curves(curves, png_path)
     print(json.dumps({k: result[k] for k in ("target_accuracy", "seconds_to_target",
                                              "time_ratio_adaptive_over_uniform")}))
+    print(f"Wrote {json_path} and {png_path}")
     return result
 
 

@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from experiments import time_to_accuracy
@@ -33,6 +34,8 @@ def test_curves_and_ratio_written(tmp_path):
     assert result["seconds_to_target"]["uniform"] is not None
     saved = json.loads((out / "time_to_accuracy.json").read_text())
     assert saved["target_accuracy"] == result["target_accuracy"]
+    assert saved["machine"]["cpu_count"] >= 1
+    assert "experiments.time_to_accuracy" in saved["command"]
     assert (out / "time_to_accuracy.png").stat().st_size > 0
 
 
@@ -42,3 +45,16 @@ def test_time_to_reach_first_point_at_target():
              {"train_seconds": 3.0, "eval_accuracy": 0.4}]
     assert time_to_accuracy.time_to_reach(curve, 0.45) == 2.0
     assert time_to_accuracy.time_to_reach(curve, 0.9) is None
+
+
+def test_existing_run_folder_rejected(tmp_path, capsys):
+    data = _folder(tmp_path / "images")
+    out = tmp_path / "out"
+    (out / "adaptive").mkdir(parents=True)
+
+    with pytest.raises(SystemExit):
+        time_to_accuracy.main([f"--data={data}", f"--out={out}", "--steps=2"])
+
+    error = capsys.readouterr().err
+    assert str(out / "adaptive") in error
+    assert "new --out" in error
