@@ -501,8 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 meter.start(step)
 
             if is_due(step, config.log_every, total):
-                # Steps are dispatched asynchronously; wait for them so the rate and the
-                # training time count finished steps, not queued ones.
+                # Steps are dispatched asynchronously. Waiting for them makes the rate and
+                # the training time count finished steps, not queued ones.
                 jax.block_until_ready(metrics)
                 rate = meter.rate(step) if step > meter.last_step else None
                 _log_train(writer, pending, step, total, rate, config.batch_size,

@@ -8,16 +8,17 @@ Builds the training pipeline and the jitted train step of a config, as
 ``adaptive_jax.main`` does, and times three things in alternating rounds of ``--batches``
 batches each:
 
-  pipeline  the host pipeline alone: decode, augment, score and tile, bucket or pack,
-            timed after ``--drain`` batches have emptied its buffers;
-  step      the train step alone, on batches already on the device;
-  fed       the training loop as it runs: the step fed by the prefetching pipeline.
+- pipeline: the host pipeline alone (decode, augment, score and tile, bucket or pack).
+  Each round starts after ``--drain`` untimed batches have emptied its buffers.
+- step: the train step alone, on batches already on the device.
+- fed: the training loop as it runs, with the prefetching pipeline feeding the step.
 
-It reports batches per second of each (median over rounds), ``pipeline_over_step`` (how
-many times faster the pipeline makes batches than the step consumes them; below 1 the
-device waits for data), ``fed_over_step`` (the fraction of the step's speed that the
-real loop keeps) and the share of pipeline time spent in scoring and tiling. The two
-share this machine's cores when fed, so ``fed_over_step`` also shows their contention.
+It reports batches per second of each, as the median over rounds, and the share of
+pipeline time spent in scoring and tiling. ``pipeline_over_step`` is how many times
+faster the pipeline makes batches than the step consumes them. Below 1, the device waits
+for data. ``fed_over_step`` is the fraction of the step's speed that the real loop keeps.
+The pipeline and the step share this machine's cores when fed, so it also shows their
+contention.
 Compilation and the first fill of the shuffle buffer fall in warm-up batches and are not
 timed.
 """
@@ -69,6 +70,11 @@ class TimedSelector:
         masks = self.selector(images)
         self.seconds += time.perf_counter() - start
         return masks
+
+
+def shape_key(batch: dict) -> tuple:
+    """Return the (name, shape) pairs of a batch, which decide the compiled program."""
+    return tuple(sorted((name, value.shape) for name, value in batch.items()))
 
 
 def time_pipeline(batches: Iterator, n: int) -> tuple[float, list]:
@@ -127,7 +133,7 @@ def run(config, num_batches: int, rounds: int, warmup: int, drain: int) -> dict:
     _, reference = time_pipeline(batches, num_batches)
     shapes = {}
     for batch in warm + reference:
-        shapes.setdefault(tuple(sorted((k, v.shape) for k, v in batch.items())), batch)
+        shapes.setdefault(shape_key(batch), batch)
     for batch in shapes.values():
         state, metrics = train_fn(state, to_device(batch))
     jax.block_until_ready(metrics)
@@ -147,7 +153,7 @@ def run(config, num_batches: int, rounds: int, warmup: int, drain: int) -> dict:
             selection_seconds += selector.seconds - selected_before
         # A batch shape not seen before would compile inside the timed fed round.
         for batch in drawn:
-            key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            key = shape_key(batch)
             if key not in shapes:
                 shapes[key] = batch
                 state, _ = train_fn(state, to_device(batch))

@@ -156,7 +156,7 @@ class AdaptiveViT(nn.Module):
         if token_scale is not None:
             x = x * token_scale[..., None].astype(x.dtype)
         b, t, _ = x.shape
-        # Without a token mask every key is real, which the program knows statically.
+        # Without a token mask every key is real, so no run-time condition is needed.
         all_keys_real = None if token_mask is None else jnp.all(token_mask)
         if token_mask is None:
             token_mask = jnp.ones((b, t), bool)
