@@ -3,6 +3,10 @@
 Each image's token sequence is padded to the smallest configured bucket length that
 holds it, and a batch only contains sequences of one bucket. The device step therefore
 sees one shape per bucket and compiles at most ``len(buckets)`` programs.
+
+``Bucketer`` works on a stream, as training needs. ``sorted_batches`` arranges a whole
+pool at once, as offline inference can: it orders the images by token count, so that
+every batch except the last is full and its images have similar lengths.
 """
 
 from __future__ import annotations
@@ -96,6 +100,41 @@ class Bucketer:
             self._pending[length] = []
             if pending:
                 yield pad_batch(stack_examples(pending), self.batch_size)
+
+
+def sorted_batches(
+    examples: Sequence[dict[str, np.ndarray]],
+    flat_masks: np.ndarray,
+    buckets: Sequence[int],
+    batch_size: int,
+) -> list[dict[str, np.ndarray]]:
+    """Arrange a pool of examples into batches of similar token counts.
+
+    The examples are ordered by token count (ties keep their order) and cut into runs of
+    ``batch_size``. Each batch is padded to the smallest bucket that fits its longest
+    image, so it compiles one of ``len(buckets)`` programs like a ``Bucketer`` batch.
+    Only the last batch can be short, and zero-weight rows fill it. The batches keep
+    each example's fields, so a ``label`` or an index field shows where a row came from.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid; give at least 1.")
+    if len(examples) != len(flat_masks):
+        raise ValueError(
+            f"{len(examples)} examples but {len(flat_masks)} tiling masks. Give one mask "
+            "per example."
+        )
+    counts = np.asarray(flat_masks).sum(axis=1)
+    order = np.argsort(counts, kind="stable")
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        length = choose_bucket(int(counts[chosen].max()), buckets)
+        rows = []
+        for i in chosen:
+            patch_index, token_mask = pad_tokens(flat_masks[i], length)
+            rows.append({**examples[i], "patch_index": patch_index, "token_mask": token_mask})
+        batches.append(pad_batch(stack_examples(rows), batch_size))
+    return batches
 
 
 def pad_to_length(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SEQUENCE_MODES = ("bucket", "pack")
+SEQUENCE_MODES = ("bucket", "sort", "pack")
 # Entropy thresholds in bits for patch sizes (p, 2p, 4p), the setting that
 # ``selection.threshold_tiling`` documents as APT's. A 2p patch is kept whole below 5.75
 # bits and a 4p patch below 4.0 bits.
@@ -197,13 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     layout = parser.add_argument_group("sequence layout")
     layout.add_argument(
         "--sequence", choices=SEQUENCE_MODES, default="bucket",
-        help="'bucket' pads each image to a bucket length, one image per row. 'pack' "
-        "places several images in one row (default: %(default)s)",
+        help="'bucket' pads each image to a bucket length, one image per row, filling "
+        "batches in the order the images come, as a stream would. 'sort' orders all images "
+        "by token count first, so batches are full and hold images of similar length, as "
+        "offline inference over a known pool can. 'pack' places several images in one row "
+        "(default: %(default)s)",
     )
     layout.add_argument(
         "--num-buckets", type=int, default=4,
-        help="bucket lengths for --sequence bucket, spread evenly up to the uniform token "
-        "count (default: %(default)s)",
+        help="bucket lengths for --sequence bucket and sort, spread evenly up to the "
+        "uniform token count; one compiled program each (default: %(default)s)",
     )
     layout.add_argument(
         "--pack-length", type=int, default=None,
@@ -663,11 +666,15 @@ def arrange_adaptive(
     args: argparse.Namespace, setup: Setup, images: np.ndarray, flat_masks: np.ndarray
 ) -> tuple[list[Batch], dict[str, Any]]:
     """Arrange tiled images into the adaptive batches and describe the layout."""
-    if args.sequence == "bucket":
+    if args.sequence in ("bucket", "sort"):
         buckets = sequence.default_buckets(
             setup.coarsest_tokens, setup.uniform_tokens, args.num_buckets
         )
-        batches = bucket_batches(images, flat_masks, buckets, args.batch_size)
+        if args.sequence == "bucket":
+            batches = bucket_batches(images, flat_masks, buckets, args.batch_size)
+        else:
+            examples = [{"image": image, "weight": np.float32(1.0)} for image in images]
+            batches = sequence.sorted_batches(examples, flat_masks, buckets, args.batch_size)
         return batches, {"buckets": list(buckets)}
     pack_length = args.pack_length or setup.uniform_tokens
     batches = packed_batches(
@@ -841,7 +848,7 @@ def run_benchmark(
 
     adaptive_batches, layout = arrange_adaptive(args, setup, images, flat_masks)
     plain_batches = uniform_batches(images, args.batch_size)
-    mask_key = "token_mask" if args.sequence == "bucket" else "segment_ids"
+    mask_key = "segment_ids" if args.sequence == "pack" else "token_mask"
     adaptive_inputs = to_device(adaptive_batches, ("image", "patch_index", mask_key))
     uniform_inputs = to_device(plain_batches, ("image",))
 

@@ -5,8 +5,11 @@
 
 Trains ``configs/cifar10.py`` (adaptive) and ``configs/cifar10.py:uniform`` with the same
 encoder, batch size, schedule and step budget, one after the other in this process,
-evaluating on the whole test split every ``--eval-every`` steps. Training time excludes
-evaluation. Writes ``OUT/time_to_accuracy.json`` (the curves, the time each model needs to
+evaluating on the whole test split every ``--eval-every`` steps and after the last step.
+Training time excludes evaluation. ``--adaptive-steps`` gives the adaptive run its own
+step budget, for a comparison at a fixed wall-clock budget: an adaptive step costs less
+than a uniform one, so the adaptive model can take more steps in the same time. Its
+learning-rate schedule then spans its own steps. Writes ``OUT/time_to_accuracy.json`` (the curves, the time each model needs to
 reach the uniform model's final accuracy, the machine and the command) and
 ``OUT/time_to_accuracy.png``.
 """
@@ -78,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="CIFAR-10 image folder with train/ and test/.")
     parser.add_argument("--out", required=True, help="Folder for the runs, JSON and plot.")
     parser.add_argument("--steps", type=int, default=1500, help="Training steps of each run.")
+    parser.add_argument(
+        "--adaptive-steps", type=int, default=None,
+        help="Training steps of the adaptive run, if they differ from --steps.",
+    )
     parser.add_argument("--eval-every", type=int, default=250, help="Steps between evaluations.")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
@@ -91,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "e.g. 3.0,4.0. Default: those of configs/cifar10.py.",
     )
     args = parser.parse_args(argv)
+    if args.adaptive_steps is None:
+        args.adaptive_steps = args.steps
+    for flag, value in (("--steps", args.steps), ("--adaptive-steps", args.adaptive_steps),
+                        ("--eval-every", args.eval_every), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} {value} is invalid. Give at least 1.")
     if importlib.util.find_spec("matplotlib") is None:
         parser.error("matplotlib is missing, and the plot needs it. Install the project with "
                      "its dev extra: pip install -e '.[dev]'.")
@@ -108,17 +121,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config = cifar10.get_config(arg)
         config.unlock()
         config.dataset = f"imagefolder:{os.path.abspath(args.data)}"
-        config.total_steps = args.steps
+        steps = args.adaptive_steps if name == "adaptive" else args.steps
+        config.total_steps = steps
         config.eval_every = args.eval_every
         config.log_every = args.eval_every
-        config.checkpoint_every = args.steps
+        config.checkpoint_every = steps
         config.batch_size = args.batch_size
         if args.patch_sizes:
             config.patch_sizes = args.patch_sizes[:1] if name == "uniform" else args.patch_sizes
         if args.thresholds and name == "adaptive":
             config.selection.thresholds = args.thresholds
         config.lock()
-        config_lib.validate_config(config)
+        try:
+            config_lib.validate_config(config)
+        except ValueError as error:
+            flags_given = [f"{flag} {','.join(str(v) for v in value)}"
+                     for flag, value in (("--patch-sizes", args.patch_sizes),
+                                         ("--thresholds", args.thresholds)) if value]
+            parser.error(f"{' with '.join(flags_given) or 'The defaults'} give an invalid {name} "
+                         f"model: {error}")
         patch_sizes[name] = tuple(config.patch_sizes)
         if name == "adaptive":
             thresholds = tuple(config.selection.thresholds)
@@ -136,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "time_ratio_adaptive_over_uniform": ratio,
         "final": {name: curve[-1] for name, curve in curves.items()},
         "curves": curves,
-        "settings": {"steps": args.steps, "eval_every": args.eval_every,
+        "settings": {"steps": {"adaptive": args.adaptive_steps, "uniform": args.steps},
+                     "eval_every": args.eval_every,
                      "batch_size": args.batch_size, "config": "configs/cifar10.py",
                      "patch_sizes": list(patch_sizes["adaptive"]),
                      "uniform_patch_size": patch_sizes["uniform"][0],

@@ -100,6 +100,19 @@ def test_bucketed_run_reports_every_key(tmp_path):
     assert result["settings"]["bins"] == 512
 
 
+def test_sorted_run_fills_batches_by_length(tmp_path):
+    result, argv = _run(tmp_path, "--sequence", "sort", "--num-buckets", "8")
+
+    _check_common(result, argv)
+    assert result["settings"]["sequence"] == "sort"
+    # Six images in batches of two: three full batches, no filler rows.
+    assert result["settings"]["adaptive_batches"] == 3
+    assert result["compiled_programs"] <= len(result["settings"]["buckets"])
+    bucketed, _ = _run(tmp_path / "bucket", "--num-buckets", "8")
+    assert result["tokens_per_image"] == bucketed["tokens_per_image"]
+    assert result["padding_fraction"] <= bucketed["padding_fraction"]
+
+
 def test_packed_run_compiles_once(tmp_path):
     result, argv = _run(tmp_path, "--sequence", "pack", "--max-images-per-row", "3")
 

@@ -58,3 +58,28 @@ def test_existing_run_folder_rejected(tmp_path, capsys):
     error = capsys.readouterr().err
     assert str(out / "adaptive") in error
     assert "new --out" in error
+
+
+def test_adaptive_steps_set_own_budget(tmp_path):
+    data = _folder(tmp_path / "images")
+    result = time_to_accuracy.main([f"--data={data}", f"--out={tmp_path / 'out'}", "--steps=2",
+                                    "--adaptive-steps=3", "--eval-every=2", "--batch-size=8"])
+
+    # Evaluations every 2 steps and after the last one.
+    assert [p["step"] for p in result["curves"]["adaptive"]] == [2, 3]
+    assert [p["step"] for p in result["curves"]["uniform"]] == [2]
+    assert result["settings"]["steps"] == {"adaptive": 3, "uniform": 2}
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps=0"], "--steps 0"),
+    (["--adaptive-steps=0"], "--adaptive-steps 0"),
+    (["--eval-every=-1"], "--eval-every -1"),
+    (["--patch-sizes=4,8,16", "--thresholds=4.0"], "--patch-sizes 4,8,16 with --thresholds 4.0"),
+    (["--patch-sizes=4,7"], "--patch-sizes 4,7"),
+])
+def test_invalid_flags_named(tmp_path, capsys, flags, named):
+    data = _folder(tmp_path / "images")
+    with pytest.raises(SystemExit):
+        time_to_accuracy.main([f"--data={data}", f"--out={tmp_path / 'out'}", *flags])
+    assert named in capsys.readouterr().err

@@ -56,6 +56,45 @@ def test_bucketer_groups_by_bucket_and_flushes():
     assert list(bucketer.flush()) == []
 
 
+def _mask(count: int, size: int = 8) -> np.ndarray:
+    flat = np.zeros(size, bool)
+    flat[size - count:] = True
+    return flat
+
+
+def test_sorted_batches_group_similar_lengths():
+    counts = [7, 1, 5, 2, 8, 3, 6]
+    examples = [{"label": np.int32(i), "weight": np.float32(1)} for i in range(len(counts))]
+    masks = np.stack([_mask(count) for count in counts])
+    batches = sequence.sorted_batches(examples, masks, buckets=(2, 4, 6, 8), batch_size=3)
+
+    # Token order 1, 2, 3 | 5, 6, 7 | 8: each batch takes the bucket of its longest image.
+    assert [b["patch_index"].shape for b in batches] == [(3, 4), (3, 8), (3, 8)]
+    np.testing.assert_array_equal(batches[0]["label"], [1, 3, 5])
+    np.testing.assert_array_equal(batches[1]["label"], [2, 6, 0])
+    np.testing.assert_array_equal(batches[2]["label"], [4, 4, 4])
+    np.testing.assert_array_equal(batches[2]["weight"], [1, 0, 0])
+    for batch in batches[:2]:
+        np.testing.assert_array_equal(batch["weight"], [1, 1, 1])
+    # Each row contains its own example's tokens, in flat order, then padding.
+    for batch in batches:
+        for row in range(3):
+            n = counts[batch["label"][row]]
+            assert batch["token_mask"][row].sum() == n
+            np.testing.assert_array_equal(batch["patch_index"][row, :n], np.arange(8 - n, 8))
+            np.testing.assert_array_equal(batch["patch_index"][row, n:], 0)
+
+
+def test_sorted_batches_reject_bad_input():
+    masks = np.stack([_mask(2), _mask(3)])
+    with pytest.raises(ValueError, match="2 examples but 1 tiling masks"):
+        sequence.sorted_batches([{}, {}], masks[:1], (8,), 2)
+    with pytest.raises(ValueError, match="batch_size=0 is invalid"):
+        sequence.sorted_batches([{}, {}], masks, (8,), 0)
+    with pytest.raises(ValueError, match="exceed the largest bucket"):
+        sequence.sorted_batches([{}, {}], masks, (2,), 2)
+
+
 def test_pad_batch_adds_zero_weight_rows():
     batch = {"label": np.array([3, 5]), "image": np.ones((2, 4, 4, 3), np.uint8)}
     padded = sequence.pad_batch(batch, 4)
