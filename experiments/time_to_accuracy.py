@@ -88,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=250, help="Steps between evaluations.")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
+        "--seed", type=int, default=0,
+        help="Seed of both runs: initial parameters, data order and augmentation.",
+    )
+    parser.add_argument(
         "--patch-sizes", type=parse_int_list, default=None,
         help="Adaptive patch sizes, e.g. 2,4,8; the uniform model uses the smallest. "
              "Default: those of configs/cifar10.py (4,8,16).",
@@ -127,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config.log_every = args.eval_every
         config.checkpoint_every = steps
         config.batch_size = args.batch_size
+        config.seed = args.seed
         if args.patch_sizes:
             config.patch_sizes = args.patch_sizes[:1] if name == "uniform" else args.patch_sizes
         if args.thresholds and name == "adaptive":
@@ -159,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "curves": curves,
         "settings": {"steps": {"adaptive": args.adaptive_steps, "uniform": args.steps},
                      "eval_every": args.eval_every,
-                     "batch_size": args.batch_size, "config": "configs/cifar10.py",
+                     "batch_size": args.batch_size, "seed": args.seed, "config": "configs/cifar10.py",
                      "patch_sizes": list(patch_sizes["adaptive"]),
                      "uniform_patch_size": patch_sizes["uniform"][0],
                      "thresholds": list(thresholds)},

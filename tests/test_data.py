@@ -162,3 +162,15 @@ def test_fit_image_size_reject_names_sizes():
 
     with pytest.raises(ValueError, match="use an image size of 16 or 32"):
         validate_config(_config(dataset="digits", image_size=(24, 24)))
+
+
+def test_train_batches_repeat_for_seed():
+    config = _config(dataset="digits", image_size=(32, 32), augment=True)
+
+    def first_images(seed, count=3):
+        iterator = InputPipeline(config).train_batches(seed=seed)
+        return np.stack([next(iterator)["image"] for _ in range(count)])
+
+    first = first_images(0)
+    np.testing.assert_array_equal(first, first_images(0))
+    assert not np.array_equal(first, first_images(1))

@@ -63,12 +63,18 @@ def test_existing_run_folder_rejected(tmp_path, capsys):
 def test_adaptive_steps_set_own_budget(tmp_path):
     data = _folder(tmp_path / "images")
     result = time_to_accuracy.main([f"--data={data}", f"--out={tmp_path / 'out'}", "--steps=2",
-                                    "--adaptive-steps=3", "--eval-every=2", "--batch-size=8"])
+                                    "--adaptive-steps=3", "--eval-every=2", "--batch-size=8",
+                                    "--seed=3"])
 
     # Evaluations every 2 steps and after the last one.
     assert [p["step"] for p in result["curves"]["adaptive"]] == [2, 3]
     assert [p["step"] for p in result["curves"]["uniform"]] == [2]
     assert result["settings"]["steps"] == {"adaptive": 3, "uniform": 2}
+    assert result["settings"]["seed"] == 3
+    for name in ("adaptive", "uniform"):
+        saved = json.loads((tmp_path / "out" / name / "config.json").read_text())
+        assert saved["seed"] == 3
+        assert saved["total_steps"] == (3 if name == "adaptive" else 2)
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -63,11 +63,17 @@ def resize_and_center_crop(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor
     return tf.image.resize_with_crop_or_pad(resized, size[0], size[1])
 
 
-def random_crop_flip(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+def random_crop_flip(image: tf.Tensor, size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+    """Return a random crop of the reflect-padded image, flipped left to right half the time.
+
+    ``seed`` is a shape-[2] integer tensor. The stateless ops make the result depend on
+    the image and the seed alone, not on the order in which a parallel map runs.
+    """
     p = CROP_PADDING
     padded = tf.pad(image, [[p, p], [p, p], [0, 0]], mode="REFLECT")
-    cropped = tf.image.random_crop(padded, (size[0], size[1], 3))
-    return tf.image.random_flip_left_right(cropped)
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    cropped = tf.image.stateless_random_crop(padded, (size[0], size[1], 3), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
 
 
 class HostSelector:
@@ -262,9 +268,11 @@ class InputPipeline:
         size = self.image_size
         ds = self._train_ds.repeat().shuffle(self.config.shuffle_buffer, seed=seed)
         if self.config.augment:
-            tf.random.set_seed(seed)
-            ds = ds.map(
-                lambda ex: {**ex, "image": random_crop_flip(ex["image"], size)},
+            # One seed pair per example from a seeded stream, so a rerun with the same
+            # seed draws the same crops and flips.
+            example_seeds = tf.data.Dataset.random(seed=seed).batch(2)
+            ds = tf.data.Dataset.zip((ds, example_seeds)).map(
+                lambda ex, pair: {**ex, "image": random_crop_flip(ex["image"], size, pair)},
                 num_parallel_calls=AUTOTUNE,
             )
         chunk = self.config.selection_chunk if self.host_selection else self.local_batch_size
