@@ -5,8 +5,8 @@ holds it, and a batch only contains sequences of one bucket. The device step the
 sees one shape per bucket and compiles at most ``len(buckets)`` programs.
 
 ``Bucketer`` works on a stream, as training needs. ``sorted_batches`` arranges a whole
-pool at once, as offline inference can: it orders the images by token count, so that
-every batch except the last is full and its images have similar lengths.
+pool at once, as offline inference can: it orders the images by token count and cuts the
+sorted list into batches of similar lengths, with as few padded positions as possible.
 """
 
 from __future__ import annotations
@@ -110,11 +110,14 @@ def sorted_batches(
 ) -> list[dict[str, np.ndarray]]:
     """Arrange a pool of examples into batches of similar token counts.
 
-    The examples are ordered by token count (ties keep their order) and cut into runs of
-    ``batch_size``. Each batch is padded to the smallest bucket that fits its longest
-    image, so it compiles one of ``len(buckets)`` programs like a ``Bucketer`` batch.
-    Only the last batch can be short, and zero-weight rows fill it. The batches keep
-    each example's fields, so a ``label`` or an index field shows where a row came from.
+    The examples are ordered by token count (ties keep their order) and the sorted list
+    is cut into runs of at most ``batch_size``. Each run is padded to the smallest bucket
+    that fits its longest image, and short runs get zero-weight rows up to
+    ``batch_size``, so each batch compiles one of ``len(buckets)`` programs like a
+    ``Bucketer`` batch. The cuts minimise the padded token positions (rows times bucket
+    length, summed over batches), so the result never pads more than bucketing the same
+    pool does. The batches keep each example's fields, so a ``label`` or an index field
+    shows where a row came from.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid; give at least 1.")
@@ -126,8 +129,8 @@ def sorted_batches(
     counts = np.asarray(flat_masks).sum(axis=1)
     order = np.argsort(counts, kind="stable")
     batches = []
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
+    for start, stop in _cheapest_cuts([int(counts[i]) for i in order], buckets, batch_size):
+        chosen = order[start:stop]
         length = choose_bucket(int(counts[chosen].max()), buckets)
         rows = []
         for i in chosen:
@@ -135,6 +138,33 @@ def sorted_batches(
             rows.append({**examples[i], "patch_index": patch_index, "token_mask": token_mask})
         batches.append(pad_batch(stack_examples(rows), batch_size))
     return batches
+
+
+def _cheapest_cuts(
+    sorted_counts: Sequence[int], buckets: Sequence[int], batch_size: int
+) -> list[tuple[int, int]]:
+    """Return (start, stop) runs of the sorted counts with the fewest padded positions.
+
+    A run ending at position j costs ``batch_size * bucket(sorted_counts[j - 1])``
+    whatever its length, so the cheapest arrangement of the first j counts is that cost
+    plus the cheapest arrangement of the first j - k, over run lengths k up to
+    ``batch_size``. Among equal costs the longest run wins, which gives fewer batches.
+    """
+    n = len(sorted_counts)
+    best = [0] * (n + 1)
+    run_length = [0] * (n + 1)
+    for stop in range(1, n + 1):
+        cost = batch_size * choose_bucket(sorted_counts[stop - 1], buckets)
+        candidates = range(min(batch_size, stop), 0, -1)
+        length = min(candidates, key=lambda k: best[stop - k])
+        best[stop] = best[stop - length] + cost
+        run_length[stop] = length
+    runs = []
+    stop = n
+    while stop > 0:
+        runs.append((stop - run_length[stop], stop))
+        stop -= run_length[stop]
+    return runs[::-1]
 
 
 def pad_to_length(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:

@@ -199,14 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence", choices=SEQUENCE_MODES, default="bucket",
         help="'bucket' pads each image to a bucket length, one image per row, filling "
         "batches in the order the images come, as a stream would. 'sort' orders all images "
-        "by token count first, so batches are full and hold images of similar length, as "
-        "offline inference over a known pool can. 'pack' places several images in one row "
+        "by token count first and cuts batches of similar length with the fewest padded "
+        "positions, as offline inference over a known pool can. 'pack' places several images in one row "
         "(default: %(default)s)",
     )
     layout.add_argument(
         "--num-buckets", type=int, default=4,
         help="bucket lengths for --sequence bucket and sort, spread evenly up to the "
-        "uniform token count; one compiled program each (default: %(default)s)",
+        "uniform token count and rounded up to multiples of 8, so lengths that round to "
+        "the same value merge; one compiled program each (default: %(default)s)",
     )
     layout.add_argument(
         "--pack-length", type=int, default=None,

@@ -77,19 +77,27 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], png_path: str) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.time_to_accuracy",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("--data", required=True, help="CIFAR-10 image folder with train/ and test/.")
     parser.add_argument("--out", required=True, help="Folder for the runs, JSON and plot.")
-    parser.add_argument("--steps", type=int, default=1500, help="Training steps of each run.")
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="Training steps of each run (default: %(default)s).")
     parser.add_argument(
         "--adaptive-steps", type=int, default=None,
-        help="Training steps of the adaptive run, if they differ from --steps.",
+        help="Training steps of the adaptive run, for a comparison at a fixed time budget "
+             "(default: --steps).",
     )
-    parser.add_argument("--eval-every", type=int, default=250, help="Steps between evaluations.")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=250,
+                        help="Steps between evaluations (default: %(default)s).")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="Batch size of both runs (default: %(default)s).")
     parser.add_argument(
         "--seed", type=int, default=0,
-        help="Seed of both runs: initial parameters, data order and augmentation.",
+        help="Seed of both runs: initial parameters, data order and augmentation "
+             "(default: %(default)s).",
     )
     parser.add_argument(
         "--patch-sizes", type=parse_int_list, default=None,

@@ -68,13 +68,14 @@ def test_sorted_batches_group_similar_lengths():
     masks = np.stack([_mask(count) for count in counts])
     batches = sequence.sorted_batches(examples, masks, buckets=(2, 4, 6, 8), batch_size=3)
 
-    # Token order 1, 2, 3 | 5, 6, 7 | 8: each batch takes the bucket of its longest image.
-    assert [b["patch_index"].shape for b in batches] == [(3, 4), (3, 8), (3, 8)]
-    np.testing.assert_array_equal(batches[0]["label"], [1, 3, 5])
-    np.testing.assert_array_equal(batches[1]["label"], [2, 6, 0])
-    np.testing.assert_array_equal(batches[2]["label"], [4, 4, 4])
-    np.testing.assert_array_equal(batches[2]["weight"], [1, 0, 0])
-    for batch in batches[:2]:
+    # Sorted counts 1 | 2, 3, 5 | 6, 7, 8 cost 3 * (2 + 6 + 8) = 48 positions. Cutting
+    # 1, 2, 3 | 5, 6, 7 | 8 instead would cost 3 * (4 + 8 + 8) = 60.
+    assert [b["patch_index"].shape for b in batches] == [(3, 2), (3, 6), (3, 8)]
+    np.testing.assert_array_equal(batches[0]["label"], [1, 1, 1])
+    np.testing.assert_array_equal(batches[0]["weight"], [1, 0, 0])
+    np.testing.assert_array_equal(batches[1]["label"], [3, 5, 2])
+    np.testing.assert_array_equal(batches[2]["label"], [6, 0, 4])
+    for batch in batches[1:]:
         np.testing.assert_array_equal(batch["weight"], [1, 1, 1])
     # Each row contains its own example's tokens, in flat order, then padding.
     for batch in batches:
@@ -83,6 +84,38 @@ def test_sorted_batches_group_similar_lengths():
             assert batch["token_mask"][row].sum() == n
             np.testing.assert_array_equal(batch["patch_index"][row, :n], np.arange(8 - n, 8))
             np.testing.assert_array_equal(batch["patch_index"][row, n:], 0)
+
+
+def _positions(batches):
+    return sum(batch["patch_index"].size for batch in batches)
+
+
+def test_sorted_batches_short_image_alone():
+    # One short image and four long ones, batches of 4: the short one gets its own
+    # small batch rather than padding the long ones' batch.
+    masks = np.stack([_mask(count, 16) for count in (2, 16, 16, 16, 16)])
+    batches = sequence.sorted_batches([{}] * 5, masks, buckets=(8, 16), batch_size=4)
+
+    assert [b["patch_index"].shape for b in batches] == [(4, 8), (4, 16)]
+    assert _positions(batches) == 96
+
+
+def test_sorted_batches_never_pad_more_than_bucketing():
+    rng = np.random.default_rng(0)
+    buckets = (4, 8, 12, 16)
+    for trial in range(20):
+        counts = rng.integers(1, 17, size=rng.integers(1, 30))
+        masks = np.stack([_mask(int(count), 16) for count in counts])
+        examples = [{"weight": np.float32(1)}] * len(counts)
+        batch_size = int(rng.integers(1, 6))
+        bucketer = sequence.Bucketer(buckets, batch_size)
+        bucketed = [b for ex, m in zip(examples, masks) if (b := bucketer.add(ex, m)) is not None]
+        bucketed.extend(bucketer.flush())
+
+        arranged = sequence.sorted_batches(examples, masks, buckets, batch_size)
+
+        assert _positions(arranged) <= _positions(bucketed), f"trial {trial}"
+        assert sum(float(b["weight"].sum()) for b in arranged) == len(counts)
 
 
 def test_sorted_batches_reject_bad_input():
