@@ -116,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         ("--eval-every", args.eval_every), ("--batch-size", args.batch_size)):
         if value < 1:
             parser.error(f"{flag} {value} is invalid. Give at least 1.")
+    missing = [split for split in ("train", "test")
+               if not os.path.isdir(os.path.join(args.data, split))]
+    if missing:
+        parser.error(f"--data {args.data} has no {' or '.join(missing)} folder. Give the "
+                     "CIFAR-10 image folder laid out as DATA/<split>/<class>/<image>, with "
+                     "the splits train and test.")
     if importlib.util.find_spec("matplotlib") is None:
         parser.error("matplotlib is missing, and the plot needs it. Install the project with "
                      "its dev extra: pip install -e '.[dev]'.")

@@ -77,6 +77,19 @@ def test_adaptive_steps_set_own_budget(tmp_path):
         assert saved["total_steps"] == (3 if name == "adaptive" else 2)
 
 
+@pytest.mark.parametrize("layout", ["absent", "train only"])
+def test_data_without_splits_rejected(tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    if layout == "train only":
+        (data / "train" / "a").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        time_to_accuracy.main([f"--data={data}", f"--out={tmp_path / 'out'}"])
+    error = capsys.readouterr().err
+    expected = "test folder" if layout == "train only" else "train or test folder"
+    assert f"--data {data} has no {expected}" in error
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--steps=0"], "--steps 0"),
     (["--adaptive-steps=0"], "--adaptive-steps 0"),
