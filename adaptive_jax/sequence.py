@@ -120,7 +120,7 @@ def sorted_batches(
     shows where a row came from.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is invalid; give at least 1.")
+        raise ValueError(f"batch_size={batch_size} is invalid. Give at least 1.")
     if len(examples) != len(flat_masks):
         raise ValueError(
             f"{len(examples)} examples but {len(flat_masks)} tiling masks. Give one mask "

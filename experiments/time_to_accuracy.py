@@ -9,9 +9,9 @@ evaluating on the whole test split every ``--eval-every`` steps and after the la
 Training time excludes evaluation. ``--adaptive-steps`` gives the adaptive run its own
 step budget, for a comparison at a fixed wall-clock budget: an adaptive step costs less
 than a uniform one, so the adaptive model can take more steps in the same time. Its
-learning-rate schedule then spans its own steps. Writes ``OUT/time_to_accuracy.json`` (the curves, the time each model needs to
-reach the uniform model's final accuracy, the machine and the command) and
-``OUT/time_to_accuracy.png``.
+learning-rate schedule then spans its own steps. Writes ``OUT/time_to_accuracy.json`` (the
+curves, the time each model needs to reach the uniform model's final accuracy, the machine
+and the command) and ``OUT/time_to_accuracy.png``.
 """
 
 from __future__ import annotations
